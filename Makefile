@@ -1,0 +1,32 @@
+# The two commands in README.md: `make run` and `make test`. Both install what they need first.
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.nullbox-installed
+
+.PHONY: run test lint typecheck unit bench deps clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/bootstrap.py
+	/usr/bin/python3 scripts/bootstrap.py
+
+run: deps
+	$(BIN)/python -m ctxgraph demo
+
+test: deps lint typecheck unit
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: deps
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest
+
+bench: deps
+	$(BIN)/python bench/ctxgraph_bench.py
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

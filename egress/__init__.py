@@ -1,0 +1,1 @@
+"""egress: the default-deny network controller (issue 5; nothing here yet)."""

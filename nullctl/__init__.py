@@ -1,0 +1,1 @@
+"""nullctl: the operator's command line for NullBox."""
