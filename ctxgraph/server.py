@@ -243,11 +243,16 @@ class CtxGraphServer:
     # ------------------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.store = await asyncio.to_thread(Store, self.config.db)
+        admin_sock = bind_unix(self.config.socket, 0o600)  # first: a second instance fails before touching the DB
+        try:
+            self.store = await asyncio.to_thread(Store, self.config.db)
+        except BaseException:
+            admin_sock.close()
+            self.config.socket.unlink(missing_ok=True)
+            raise
         self._committer = Committer(self.store, self.watchers.publish)
         self._committer.start()
         self.config.agents_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-        admin_sock = bind_unix(self.config.socket, 0o600)
         self._admin = await asyncio.start_unix_server(
             lambda r, w: self._serve(r, w, Binding(ADMIN), self._connections), sock=admin_sock
         )

@@ -141,14 +141,15 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
-        self._writer = self._connect()
+        self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
+            self._configure(self._writer)
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             self._writer.close()
             raise StoreError(f"{self.path}: not a usable ctxgraph database ({exc})") from exc
-        except StoreError:
+        except BaseException:
             self._writer.close()
             raise
         self._reader = self._connect()
@@ -156,9 +157,13 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._configure(conn)
+        return conn
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA trusted_schema=OFF")
-        return conn
 
     def _migrate(self) -> None:
         version: int = self._writer.execute("PRAGMA user_version").fetchone()[0]

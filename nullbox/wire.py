@@ -343,6 +343,8 @@ async def serve_connection(
             line = await lines.next()
             if line is None:
                 break
+            if isinstance(line, bytes) and not line.strip():
+                continue  # blank lines (keep-alives, trailing CR/LF) are not requests
             await replies.put(_dispatch(line, handler, conn))
     except (ConnectionError, OSError):
         pass
