@@ -1,4 +1,4 @@
-"""Fixtures: a real ctxgraph daemon process per test, rooted in the test's temporary directory."""
+"""Fixtures for ctxgraph's own tests (the daemon fixture `server` lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxgraph.process import ServerProcess
 from ctxgraph.store import Store
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(tmp_path / "ctxgraph") as proc:
-        yield proc
 
 
 @pytest.fixture
