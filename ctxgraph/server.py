@@ -71,7 +71,7 @@ class _Unit:
 class Committer:
     """Queues drafts and commits whatever has accumulated in one transaction on a dedicated writer thread."""
 
-    def __init__(self, store: Store, on_commit: Callable[[list[Entry]], None]) -> None:
+    def __init__(self, store: Store, on_commit: Callable[[list[Draft], list[PutResult]], None]) -> None:
         self._store = store
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
@@ -125,21 +125,14 @@ class Committer:
                         unit.done.set_exception(error)
                 continue
             offset = 0
-            created: list[Entry] = []
             for unit in units:
                 mine = results[offset : offset + len(unit.drafts)]
-                for draft, result in zip(unit.drafts, mine, strict=True):
-                    if result.created:
-                        created.append(_entry_of(draft, result))
                 offset += len(unit.drafts)
                 if not unit.done.done():
                     unit.done.set_result(mine)
-            if created:
-                self._on_commit(created)
+            self._on_commit(drafts, results)
 
 
-def _entry_of(draft: Draft, result: PutResult) -> Entry:
-    return Entry(result.hash, draft.agent, draft.key, json.loads(draft.canonical), result.created_ns)
 
 
 # ------------------------------------------------------------------------------------------------------ watch
@@ -162,7 +155,15 @@ class Watchers:
     def __len__(self) -> int:
         return len(self._watchers)
 
-    def publish(self, entries: list[Entry]) -> None:
+    def publish(self, drafts: list[Draft], results: list[PutResult]) -> None:
+        """Hand each newly created entry to the watchers whose prefix (and read rights) cover it."""
+        if not self._watchers:
+            return  # the common case: nobody is watching, so no entry is built
+        entries = [
+            Entry(result.hash, draft.agent, draft.key, json.loads(draft.canonical), result.created_ns)
+            for draft, result in zip(drafts, results, strict=True)
+            if result.created
+        ]
         for watcher in list(self._watchers):
             if watcher.overflowed:
                 continue

@@ -13,7 +13,6 @@ Design notes:
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -26,7 +25,9 @@ from ctxgraph.model import Draft, Entry, Page, PutResult
 
 SCHEMA_VERSION: Final = 1
 MAX_SEQ: Final = 2**63 - 1
-SCAN_CHUNK: Final = 4096
+COUNT_CAP: Final = 2048
+WALK_CHUNK: Final = 4096
+WALK_BUDGET: Final = 16384
 
 
 class StoreError(Exception):
@@ -278,13 +279,14 @@ class Store:
     def query(self, prefix: str, limit: int = 100, after: str | None = None) -> Page:
         """Entries whose key starts with ``prefix``, newest first.
 
-        Two index plans, chosen per query so that neither a rare nor a common prefix costs a scan of the table:
-        - *key range*: walk the ``entries_key`` range of the prefix (covering: key and seq only) and let SQLite
-          keep the newest ``limit``.  Cost: the number of matching entries.
+        Two index plans, so that neither a rare nor a common prefix costs a walk through the whole table:
+        - *key range*: take the newest ``limit`` seqs from the ``entries_key`` range of the prefix (index only:
+          the index holds key and rowid), then read just those rows.  Cost: one index entry per match.
         - *newest first*: walk the rowid backwards from the cursor, keeping rows whose key matches.  Cost: about
           ``limit * total / matching`` rows.
-        The key range is counted up to a cap first (cheap, index only); below the cap it wins, above it the
-        newest-first walk does, within a budget after which it finishes with the key range.
+        The key range is counted up to ``COUNT_CAP`` first (index only, cheap).  Below the cap it is the plan.
+        Above it the prefix is common and the newest-first walk usually fills the page quickly; if it has not
+        within ``WALK_BUDGET`` rows (the matches are old), the key range finishes the page below the walk.
         """
         before = parse_cursor(after)
         want = limit + 1
@@ -295,17 +297,15 @@ class Store:
             ).fetchall()
             return _page(everything, limit)
         upper = prefix_upper_bound(prefix)
-        total = self._last_seq()
-        cap = max(1024, math.isqrt(want * total * 4))
-        if self._count_range(prefix, upper, before, cap) < cap:
+        if self._count_range(prefix, upper, before, COUNT_CAP) < COUNT_CAP:
             return _page(self._key_range(prefix, upper, before, want), limit)
-        budget = max(SCAN_CHUNK, 4 * want * total // cap)
         rows: list[tuple[Any, ...]] = []
-        high = min(before, total + 1)
-        while len(rows) < want and high > 1 and budget > 0:
-            low = max(high - SCAN_CHUNK, 0)
+        high = min(before, self._last_seq() + 1)
+        walked = 0
+        while len(rows) < want and high > 1 and walked < WALK_BUDGET:
+            low = max(high - WALK_CHUNK, 0)
             rows += self._newest_first(prefix, upper, high, low, want - len(rows))
-            budget -= high - low
+            walked += high - low
             high = low
         if len(rows) < want and high > 1:
             rows += self._key_range(prefix, upper, high, want - len(rows))
@@ -321,12 +321,17 @@ class Store:
         return count
 
     def _key_range(self, prefix: str, upper: str | None, before: int, want: int) -> list[tuple[Any, ...]]:
-        sql = f"SELECT {_ENTRY_COLUMNS} FROM entries INDEXED BY entries_key WHERE key >= ? AND seq < ?"
+        # The inner select never leaves the index; only the rows that make the page are read from the table.
+        inner = "SELECT seq FROM entries INDEXED BY entries_key WHERE key >= ? AND seq < ?"
         params: list[Any] = [prefix, before]
         if upper is not None:
-            sql += " AND key < ?"
+            inner += " AND key < ?"
             params.append(upper)
-        return self._reader.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, want)).fetchall()
+        sql = (
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE seq IN ({inner} ORDER BY seq DESC LIMIT ?) "
+            "ORDER BY seq DESC"
+        )
+        return self._reader.execute(sql, (*params, want)).fetchall()
 
     def _newest_first(self, prefix: str, upper: str | None, high: int, low: int, want: int) -> list[tuple[Any, ...]]:
         # The unary '+' keeps SQLite off entries_key: this plan walks the rowid.

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,7 +33,8 @@ MAX_LINE: Final = 1 << 20
 
 MAX_ID_LENGTH: Final = 256
 READ_CHUNK: Final = 1 << 16
-DEFAULT_MAX_INFLIGHT: Final = 256
+DEFAULT_MAX_INFLIGHT: Final = 1024
+MAX_INFLIGHT_BYTES: Final = 8 * MAX_LINE
 
 log = logging.getLogger("nullbox.wire")
 
@@ -327,17 +329,19 @@ async def serve_connection(
     context: C,
     *,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
-    on_open: Callable[[Connection[C]], None] | None = None,
-    on_close: Callable[[Connection[C]], None] | None = None,
 ) -> None:
-    """Run the protocol on one connection until the peer closes it.  Never raises for anything the peer sends."""
+    """Run the protocol on one connection until the peer closes it.  Never raises for anything the peer sends.
+
+    At most ``max_inflight`` requests and ``MAX_INFLIGHT_BYTES`` of request lines are being worked on per
+    connection; beyond that the server stops reading, so a client that pipelines without reading replies
+    holds bounded memory.
+    """
     conn: Connection[C] = Connection(context=context, peer=writer.get_extra_info("peername"))
-    if on_open is not None:
-        on_open(conn)
-    replies: asyncio.Queue[tuple[RequestId, asyncio.Future[Reply]] | None] = asyncio.Queue(max_inflight)
+    replies: asyncio.Queue[_Pending | None] = asyncio.Queue(max_inflight)
+    budget = _ByteBudget(MAX_INFLIGHT_BYTES)
     streams: set[asyncio.Task[None]] = set()
     lines = LineReader(reader)
-    sender = asyncio.create_task(_send_replies(replies, writer, streams, conn))
+    sender = asyncio.create_task(_send_replies(replies, writer, streams, conn, budget))
     try:
         while not sender.done():
             line = await lines.next()
@@ -345,7 +349,10 @@ async def serve_connection(
                 break
             if isinstance(line, bytes) and not line.strip():
                 continue  # blank lines (keep-alives, trailing CR/LF) are not requests
-            await replies.put(_dispatch(line, handler, conn))
+            size = len(line) if isinstance(line, bytes) else 0
+            await budget.acquire(size)
+            request_id, future = _dispatch(line, handler, conn)
+            await replies.put(_Pending(request_id, future, size))
     except (ConnectionError, OSError):
         pass
     finally:
@@ -358,11 +365,35 @@ async def serve_connection(
         for task in list(streams):
             with contextlib.suppress(BaseException):
                 await task
-        if on_close is not None:
-            on_close(conn)
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    request_id: RequestId
+    future: asyncio.Future[Reply]
+    size: int
+
+
+class _ByteBudget:
+    """Bytes of request lines a connection has in flight; the reader waits while the budget is spent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self, size: int) -> None:
+        while self.used and self.used + size > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._freed.set()
 
 
 def _dispatch(
@@ -383,33 +414,56 @@ def _dispatch(
 
 
 async def _send_replies(
-    replies: asyncio.Queue[tuple[RequestId, asyncio.Future[Reply]] | None],
+    replies: asyncio.Queue[_Pending | None],
     writer: asyncio.StreamWriter,
     streams: set[asyncio.Task[None]],
     conn: Connection[Any],
+    budget: _ByteBudget,
 ) -> None:
-    """Write replies in request order; hand streams to their own pump so later replies are not held up."""
+    """Write replies in request order; hand streams to their own pump so later replies are not held up.
+
+    Replies that are ready together leave in one write (one syscall for a pipelined burst); nothing ready is
+    ever held back while waiting for a slower reply behind it.
+    """
+    out = bytearray()
+
+    async def flush() -> None:
+        if out:
+            writer.write(bytes(out))
+            out.clear()
+        await writer.drain()
+
     try:
-        while (item := await replies.get()) is not None:
-            request_id, future = item
+        while True:
+            if out and (replies.empty() or len(out) >= READ_CHUNK):
+                await flush()
+            item = await replies.get()
+            if item is None:
+                break
+            if out and not item.future.done():
+                await flush()
             try:
-                reply = await future
+                reply = await item.future
             except WireError as exc:
-                writer.write(encode(failure(request_id, exc)))
+                out += encode(failure(item.request_id, exc))
             except Exception:
-                log.exception("handler failed on request id=%r", request_id)
-                writer.write(encode(failure(request_id, WireError(ErrorCode.INTERNAL, "internal error; see the log"))))
+                log.exception("handler failed on request id=%r", item.request_id)
+                out += encode(failure(item.request_id, WireError(ErrorCode.INTERNAL, "internal error; see the log")))
             else:
                 if isinstance(reply, Stream):
-                    task = asyncio.create_task(_pump_stream(request_id, reply, writer))
+                    await flush()
+                    task = asyncio.create_task(_pump_stream(item.request_id, reply, writer))
                     streams.add(task)
                     task.add_done_callback(streams.discard)
                 else:
-                    writer.write(encode(success(request_id, reply)))
-            await writer.drain()
+                    out += encode(success(item.request_id, reply))
+            budget.release(item.size)
+        await flush()
     except (ConnectionError, OSError):
         conn.closed.set()
-        # Keep consuming so the reader never blocks on a full queue of a dead connection.
+        # Keep consuming so the reader never blocks on a full queue or a spent budget of a dead connection.
+        budget.limit = 2**62
+        budget.release(0)
         while await replies.get() is not None:
             pass
 
@@ -579,21 +633,39 @@ class Client:
                 return _result(_check_reply(reply))
 
     def call_many(self, requests: list[tuple[str, JSONObject]]) -> list[JSONObject | WireError]:
-        """Send every request before reading any reply; a failed one is returned as its WireError."""
+        """Pipeline ``requests``: send them all while reading replies; a failed one is returned as its WireError.
+
+        Sending happens on a helper thread because the server stops reading once its replies back up: a client
+        that wrote everything before reading anything would deadlock on a large batch.
+        """
         payload = bytearray()
         first = next(self._ids)
         ids = [first + i for i in range(len(requests))]
         self._ids = itertools.count(first + len(requests))
         for request_id, (op, params) in zip(ids, requests, strict=True):
             payload += encode({"id": request_id, "op": op, **params})
-        self._sock.sendall(payload)
-        results: dict[Any, JSONObject | WireError] = {}
-        while len(results) < len(ids):
-            reply = self._read_line()
+        send_errors: list[OSError] = []
+
+        def send() -> None:
             try:
-                results[reply.get("id")] = _result(_check_reply(reply))
-            except WireError as exc:
-                results[reply.get("id")] = exc
+                self._sock.sendall(payload)
+            except OSError as exc:
+                send_errors.append(exc)
+
+        sender = threading.Thread(target=send, name="nullbox-wire-send", daemon=True)
+        sender.start()
+        results: dict[Any, JSONObject | WireError] = {}
+        try:
+            while len(results) < len(ids):
+                reply = self._read_line()
+                try:
+                    results[reply.get("id")] = _result(_check_reply(reply))
+                except WireError as exc:
+                    results[reply.get("id")] = exc
+        finally:
+            sender.join()
+        if send_errors:
+            raise send_errors[0]
         return [results[i] for i in ids]
 
     def stream(self, op: str, **params: Any) -> Iterator[JSONObject]:

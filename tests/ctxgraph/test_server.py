@@ -309,3 +309,13 @@ def test_vsock_peers_are_identified_by_cid(tmp_path: Path) -> None:
     assert by_agent["entries"][0]["agent"] == "guest"
     assert refused["ok"] is False and refused["error"]["code"] == "forbidden"
     assert "CID 99" in refused["error"]["message"]
+
+
+def test_large_pipelined_batch_completes(server: ServerProcess) -> None:
+    """The server stops reading while its replies back up; call_many must keep reading while it sends."""
+    requests = [("put", {"key": f"bulk/{i}", "value": {"i": i, "pad": "x" * 100}}) for i in range(8000)]
+    with Client(server.address, timeout=60) as rpc:
+        replies = rpc.call_many(requests)
+    assert all(isinstance(r, dict) and r["created"] for r in replies)
+    with server.client() as admin:
+        assert admin.stats()["entries"] == 8000

@@ -138,7 +138,8 @@ def test_every_query_shape_uses_an_index(store: Store, monkeypatch: pytest.Monke
     store.by_agent("w")
     store.get("00" * 32)
     monkeypatch.undo()
-    store.put_many([("w", f"k/more/{i}", i) for i in range(1100)])  # enough for the newest-first walk
+    more = store_module.COUNT_CAP + 100  # enough for the newest-first walk
+    store.put_many([("w", f"k/more/{i}", i) for i in range(more)])
     monkeypatch.setattr(store, "_reader", Recorder())
     store.query("k/")
     assert any("INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in p for p in plans)
@@ -154,18 +155,43 @@ def _naive(entries: list[tuple[int, str, str]], prefix: str) -> list[str]:
     return [h for _seq, key, h in sorted(entries, reverse=True) if key.startswith(prefix)]
 
 
-def test_both_query_plans_agree_with_a_naive_filter(store: Store) -> None:
+def test_both_query_plans_agree_with_a_naive_filter(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefixes common enough for the newest-first walk, rare ones for the key range, and the adversarial
-    case of a large prefix whose entries are all old (walk budget exhausted, key range finishes the page)."""
-    rows: list[tuple[str, str, Any]] = [("w", f"old/{i:05d}", i) for i in range(2000)]
-    rows += [("w", f"hot/{i % 7}/{i}" if i % 2 else f"cold/{i}", i) for i in range(4000)]
+    case of a large prefix whose entries are all old (walk budget spent, the key range finishes the page)."""
+    old = store_module.COUNT_CAP + 500
+    newer = store_module.WALK_BUDGET + 2000
+    rows: list[tuple[str, str, Any]] = [("w", f"old/{i:05d}", i) for i in range(old)]
+    rows += [("w", f"hot/{i % 7}/{i}" if i % 2 else f"cold/{i}", i) for i in range(newer)]
     rows += [("w", f"late/{i}", i) for i in range(30)]
     results = store.put_many(rows)
     entries = [(seq, key, r.hash) for seq, ((_a, key, _v), r) in enumerate(zip(rows, results, strict=True), 1)]
+
+    plans: list[str] = []
+    for name in ("_key_range", "_newest_first"):
+        original = getattr(store, name)
+
+        def spy(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            plans.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(store, name, spy)
+
     for prefix in ["old/", "hot/", "hot/3/", "cold/", "late/", "late/1", "missing/", "", "o"]:
-        for limit in (1, 7, 100, 1000):
-            got = [e.hash for page in _all_pages(lambda p=prefix, **kw: store.query(p, **kw), limit) for e in page]
-            assert got == _naive(entries, prefix), (prefix, limit)
+        expected = _naive(entries, prefix)
+        for limit in (3, 100, 1000):
+            got: list[str] = []
+            after = None
+            for _ in range(40):  # the first pages, or all of them
+                page = store.query(prefix, limit=limit, after=after)
+                got += [e.hash for e in page.entries]
+                after = page.next
+                if after is None:
+                    break
+            assert got == expected[: len(got)], (prefix, limit)
+            assert after is not None or len(got) == len(expected), (prefix, limit)
+    assert "_newest_first" in plans and "_key_range" in plans
+    walk_then_range = [i for i in range(1, len(plans)) if plans[i - 1 : i + 1] == ["_newest_first", "_key_range"]]
+    assert walk_then_range, "the adversarial 'old/' prefix should spend the walk budget and finish with the range"
 
 
 def test_stats(store: Store) -> None:
