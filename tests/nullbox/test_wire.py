@@ -16,6 +16,7 @@ import pytest
 from nullbox import log as nullbox_log
 from nullbox import notify
 from nullbox.wire import (
+    MAX_INFLIGHT_BYTES,
     MAX_LINE,
     OVERSIZED,
     Address,
@@ -128,6 +129,11 @@ async def _echo_handler(request: Request, conn: Connection[str]) -> Reply:
     if request.op == "sleep":
         await asyncio.sleep(float(request.params["s"]))
         return {"slept": request.params["s"]}
+    if request.op == "hold":
+        concurrency.append(concurrency[-1] + 1 if concurrency else 1)
+        await asyncio.sleep(0.01)
+        concurrency.append(concurrency[-1] - 1)
+        return {}
     if request.op == "who":
         return {"context": conn.context}
     if request.op == "fail":
@@ -147,6 +153,7 @@ async def _echo_handler(request: Request, conn: Connection[str]) -> Reply:
 
 
 closed: list[bool] = []
+concurrency: list[int] = []
 
 
 async def _with_server(path: Path, body: Callable[[], Awaitable[None]]) -> None:
@@ -213,6 +220,26 @@ def test_streams_interleave_with_replies_and_end_when_the_client_closes(tmp_path
         assert closed == [True]
 
     asyncio.run(_with_server(path, body))
+
+
+def test_inflight_request_bytes_are_bounded(tmp_path: Path) -> None:
+    """A client pipelining big requests gets them all answered, but never more than ~8 MiB worked on at once."""
+    path = tmp_path / "s.sock"
+    concurrency.clear()
+    pad = "p" * 600_000
+
+    async def body() -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        for i in range(30):
+            writer.write(encode({"id": i, "op": "hold", "pad": pad}))
+        await writer.drain()
+        replies = [json.loads(await reader.readline()) for _ in range(30)]
+        assert [r["id"] for r in replies] == list(range(30))
+        writer.close()
+
+    asyncio.run(_with_server(path, body))
+    assert max(concurrency) <= MAX_INFLIGHT_BYTES // 600_000 + 1
+    assert max(concurrency) > 1  # pipelining still overlaps work
 
 
 def test_async_client_multiplexes_concurrent_calls(tmp_path: Path) -> None:
