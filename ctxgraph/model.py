@@ -8,6 +8,7 @@ canonical form of the value.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import struct
 import unicodedata
@@ -132,11 +133,17 @@ class Draft:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """A stored entry.  The value is kept as its canonical JSON text and sent to clients byte for byte."""
+
     hash: str
     agent: str
     key: str
-    value: Any
+    canonical: str
     created_ns: int
+
+    @property
+    def value(self) -> Any:
+        return json.loads(self.canonical)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +153,17 @@ class Entry:
             "value": self.value,
             "created_ns": self.created_ns,
         }
+
+    def to_wire(self) -> str:
+        """The entry as a JSON object text, without decoding and re-encoding the value."""
+        return (
+            f'{{"hash":"{self.hash}","agent":"{self.agent}","key":{_json_string(self.key)},'
+            f'"value":{self.canonical},"created_ns":{self.created_ns:d}}}'
+        )
+
+
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +180,7 @@ class Page:
 
     def to_json(self) -> dict[str, Any]:
         return {"entries": [e.to_json() for e in self.entries], "next": self.next}
+
+    def to_wire(self) -> str:
+        entries = ",".join(e.to_wire() for e in self.entries)
+        return f'{{"entries":[{entries}],"next":{"null" if self.next is None else _json_string(self.next)}}}'

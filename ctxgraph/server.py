@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from nullbox.wire import (
     Connection,
     ErrorCode,
     Params,
+    RawObject,
     Reply,
     Request,
     Stream,
@@ -133,8 +133,6 @@ class Committer:
             self._on_commit(drafts, results)
 
 
-
-
 # ------------------------------------------------------------------------------------------------------ watch
 
 
@@ -160,7 +158,7 @@ class Watchers:
         if not self._watchers:
             return  # the common case: nobody is watching, so no entry is built
         entries = [
-            Entry(result.hash, draft.agent, draft.key, json.loads(draft.canonical), result.created_ns)
+            Entry(result.hash, draft.agent, draft.key, draft.canonical.decode(), result.created_ns)
             for draft, result in zip(drafts, results, strict=True)
             if result.created
         ]
@@ -179,7 +177,7 @@ class Watchers:
         watcher = _Watcher(prefix, binding)
         self._watchers.add(watcher)
 
-        async def events() -> AsyncIterator[dict[str, Any]]:
+        async def events() -> AsyncIterator[dict[str, Any] | RawObject]:
             yield {"type": "subscribed", "prefix": prefix}
             while True:
                 if watcher.overflowed and watcher.queue.empty():
@@ -190,7 +188,7 @@ class Watchers:
                 entry = await watcher.queue.get()
                 if entry is None:
                     return
-                yield {"type": "entry", "entry": entry.to_json()}
+                yield RawObject(f'{{"type":"entry","entry":{entry.to_wire()}}}')
 
         return Stream(events(), on_close=lambda: self._watchers.discard(watcher))
 
@@ -428,7 +426,7 @@ class CtxGraphServer:
         # Outside an agent's read prefixes an entry does not exist for it: "forbidden" would confirm a guess.
         if entry is None or not conn.context.identity.may_read(entry.key):
             raise WireError(ErrorCode.NOT_FOUND, f"no entry with hash {digest}")
-        return {"entry": entry.to_json()}
+        return RawObject(f'{{"entry":{entry.to_wire()}}}')
 
     @staticmethod
     def _paging(params: Params) -> tuple[int, str | None]:
@@ -446,7 +444,7 @@ class CtxGraphServer:
         limit, after = self._paging(params)
         conn.context.identity.check_read(prefix, "prefix")
         await self._after_own_writes(conn)
-        return self._store().query(prefix, limit, after).to_json()
+        return RawObject(self._store().query(prefix, limit, after).to_wire())
 
     async def _history(self, request: Request, conn: Connection[Binding]) -> Reply:
         params = Params(request, {"key", "limit", "after"})
@@ -454,14 +452,14 @@ class CtxGraphServer:
         limit, after = self._paging(params)
         conn.context.identity.check_read(key, "key")
         await self._after_own_writes(conn)
-        return self._store().history(key, limit, after).to_json()
+        return RawObject(self._store().history(key, limit, after).to_wire())
 
     async def _by_agent(self, request: Request, conn: Connection[Binding]) -> Reply:
         params = Params(request, {"agent", "limit", "after"})
         agent = validate_agent(params.raw("agent"))
         limit, after = self._paging(params)
         await self._after_own_writes(conn)
-        return self._store().by_agent(agent, limit, after, conn.context.identity.read).to_json()
+        return RawObject(self._store().by_agent(agent, limit, after, conn.context.identity.read).to_wire())
 
     async def _watch(self, request: Request, conn: Connection[Binding]) -> Reply:
         prefix = validate_key(Params(request, {"prefix"}).string("prefix", ""), "prefix", allow_empty=True)

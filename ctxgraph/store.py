@@ -117,7 +117,7 @@ _ENTRY_COLUMNS: Final = "seq, hash, agent, key, value, created_ns"
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    return Entry(hash=row[1].hex(), agent=row[2], key=row[3], value=json.loads(row[4]), created_ns=row[5])
+    return Entry(hash=row[1].hex(), agent=row[2], key=row[3], canonical=row[4], created_ns=row[5])
 
 
 def _page(rows: list[tuple[Any, ...]], limit: int) -> Page:
@@ -327,10 +327,7 @@ class Store:
         if upper is not None:
             inner += " AND key < ?"
             params.append(upper)
-        sql = (
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE seq IN ({inner} ORDER BY seq DESC LIMIT ?) "
-            "ORDER BY seq DESC"
-        )
+        sql = f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE seq IN ({inner} ORDER BY seq DESC LIMIT ?) ORDER BY seq DESC"
         return self._reader.execute(sql, (*params, want)).fetchall()
 
     def _newest_first(self, prefix: str, upper: str | None, high: int, low: int, want: int) -> list[tuple[Any, ...]]:

@@ -114,6 +114,39 @@ def encode(obj: Mapping[str, Any]) -> bytes:
         return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
+@dataclass(frozen=True, slots=True)
+class RawObject:
+    """A result or event that is already JSON text: a complete object, e.g. ``'{"entry":{...}}'``.
+
+    Lets a server send stored JSON (ctxgraph's canonical values) byte for byte instead of decoding and
+    re-encoding it.  The producer guarantees ``text`` is one valid JSON object, starting with ``{`` and ending
+    with ``}`` without surrounding whitespace, in UTF-8-encodable text.
+    """
+
+    text: str
+
+
+def _raw_line(request_id: RequestId, raw: RawObject, member: str | None) -> bytes:
+    head = f'{{"id":{json.dumps(request_id, ensure_ascii=False)},"ok":true'
+    if member is not None:
+        return f'{head},"{member}":{raw.text}}}\n'.encode()
+    if raw.text == "{}":
+        return f"{head}}}\n".encode()
+    return f"{head},{raw.text[1:]}\n".encode()  # splice the object's members in after "ok"
+
+
+def encode_success(request_id: RequestId, result: Mapping[str, Any] | RawObject) -> bytes:
+    if isinstance(result, RawObject):
+        return _raw_line(request_id, result, None)
+    return encode(success(request_id, result))
+
+
+def encode_event(request_id: RequestId, payload: Mapping[str, Any] | RawObject) -> bytes:
+    if isinstance(payload, RawObject):
+        return _raw_line(request_id, payload, "event")
+    return encode(event(request_id, payload))
+
+
 def success(request_id: RequestId, result: Mapping[str, Any]) -> JSONObject:
     reply: JSONObject = {"id": request_id, "ok": True}
     reply.update(result)
@@ -303,11 +336,11 @@ class LineReader:
 class Stream:
     """A handler's answer for streaming verbs: event payloads until the source ends or the client closes."""
 
-    events: AsyncIterator[Mapping[str, Any]]
+    events: AsyncIterator[Mapping[str, Any] | RawObject]
     on_close: Callable[[], None] | None = None
 
 
-Reply = Mapping[str, Any] | Stream
+Reply = Mapping[str, Any] | RawObject | Stream
 C = TypeVar("C")
 Handler = Callable[[Request, "Connection[C]"], Awaitable[Reply]]
 
@@ -456,7 +489,7 @@ async def _send_replies(
                     streams.add(task)
                     task.add_done_callback(streams.discard)
                 else:
-                    out += encode(success(item.request_id, reply))
+                    out += encode_success(item.request_id, reply)
             budget.release(item.size)
         await flush()
     except (ConnectionError, OSError):
@@ -471,7 +504,7 @@ async def _send_replies(
 async def _pump_stream(request_id: RequestId, stream: Stream, writer: asyncio.StreamWriter) -> None:
     try:
         async for payload in stream.events:
-            writer.write(encode(event(request_id, payload)))
+            writer.write(encode_event(request_id, payload))
             await writer.drain()
     except WireError as exc:
         with contextlib.suppress(ConnectionError, OSError):

@@ -155,6 +155,19 @@ def writer_entry(server: ServerProcess, digest: str) -> dict[str, Any]:
         return admin.get(digest)
 
 
+def test_entries_travel_verbatim(server: ServerProcess) -> None:
+    """Stored canonical JSON is sent as is; keys with quotes, escapes and non-ASCII survive the round trip."""
+    key = 'q/"quoted" \\ \u00e9\u2028\U0001f600'
+    value = {"z": [1.5, '\u2028"\\'], "a": {"\U0001f600": None}, "n": 1e21}
+    with server.client() as admin:
+        digest = admin.put(key, value)["hash"]
+        assert digest == hash_hex("operator", key, value)
+        assert admin.get(digest)["value"] == value
+        (entry,) = admin.query("q/")["entries"]
+        assert (entry["key"], entry["value"], entry["hash"]) == (key, value, digest)
+        assert admin.history(key)["entries"] == [entry]
+
+
 def test_pipelined_requests_read_their_own_writes(server: ServerProcess) -> None:
     digest = hash_hex("operator", "pipe/k", {"n": 1})
     with Client(server.address) as rpc:

@@ -53,7 +53,8 @@ def test_duplicates_within_one_batch(store: Store) -> None:
 def test_get_round_trips_the_canonical_value(store: Store) -> None:
     result = store.put("agent", "k", {"b": [1.0, "\u00e9"], "a": None})
     entry = store.get(result.hash)
-    assert entry == Entry(result.hash, "agent", "k", {"a": None, "b": [1, "\u00e9"]}, result.created_ns)
+    assert entry == Entry(result.hash, "agent", "k", '{"a":null,"b":[1,"\u00e9"]}', result.created_ns)
+    assert entry.value == {"a": None, "b": [1, "\u00e9"]}
     assert store.get("0" * 64) is None
 
 

@@ -27,6 +27,7 @@ from nullbox.wire import (
     ErrorCode,
     LineReader,
     Params,
+    RawObject,
     Reply,
     Request,
     SocketInUse,
@@ -34,6 +35,8 @@ from nullbox.wire import (
     WireError,
     bind_unix,
     encode,
+    encode_event,
+    encode_success,
     parse_request,
     serve_connection,
 )
@@ -110,6 +113,14 @@ def test_encode_never_emits_invalid_utf8() -> None:
     assert encode({"s": "\u00e9"}) == '{"s":"\u00e9"}\n'.encode()
     with pytest.raises(ValueError, match="JSON compliant"):
         encode({"v": float("nan")})
+
+
+def test_raw_objects_are_spliced_verbatim() -> None:
+    assert encode_success(7, RawObject("{}")) == b'{"id":7,"ok":true}\n'
+    assert encode_success("x", RawObject('{"a":1,"v":{"b":[2]}}')) == b'{"id":"x","ok":true,"a":1,"v":{"b":[2]}}\n'
+    assert encode_success(None, {"a": 1}) == b'{"id":null,"ok":true,"a":1}\n'
+    line = encode_event(3, RawObject('{"type":"entry","n":"\u00e9"}'))
+    assert json.loads(line) == {"id": 3, "ok": True, "event": {"type": "entry", "n": "\u00e9"}}
 
 
 def test_address_parsing() -> None:
