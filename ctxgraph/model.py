@@ -17,13 +17,16 @@ from typing import Any, Final
 
 import rfc8785
 
-from nullbox.wire import invalid
+from nullbox.wire import MAX_LINE, invalid
 
 HASH_DOMAIN: Final = b"ctxgraph/v1\x00"
 AGENT_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_KEY_CHARS: Final = 1024
 MAX_VALUE_BYTES: Final = 1 << 20
 MAX_NESTING: Final = 64
+MAX_ENTRY_WIRE: Final = MAX_LINE - 2048
+"""The largest entry as sent in a reply; what is left of a line holds the reply's id and framing."""
+PAGE_BUDGET: Final = MAX_LINE - 1024
 HASH_PATTERN: Final = re.compile(r"[0-9a-f]{64}")
 
 
@@ -89,6 +92,8 @@ def canonical_value(value: Any) -> bytes:
         raise invalid("'value' holds NaN or Infinity, which JSON cannot carry") from None
     except rfc8785.CanonicalizationError as exc:
         raise invalid(f"'value' cannot be canonicalized: {exc}") from None
+    except UnicodeEncodeError:
+        raise invalid("'value' holds a string that is not valid Unicode (lone surrogate)") from None
     except (TypeError, RecursionError):
         raise invalid("'value' is not a JSON value") from None
     if len(canonical) > MAX_VALUE_BYTES:
@@ -128,7 +133,22 @@ class Draft:
         a = validate_agent(agent)
         k = validate_key(key)
         canonical = canonical_value(value)
-        return cls(entry_hash(a, k, canonical), a, k, canonical)
+        draft = cls(entry_hash(a, k, canonical), a, k, canonical)
+        if draft.wire_size() > MAX_ENTRY_WIRE:
+            # Every stored entry must be readable back: one entry has to fit in one reply line.
+            raise invalid(f"the entry (key and value) is larger than the {MAX_ENTRY_WIRE} bytes one reply can carry")
+        return draft
+
+    def wire_size(self) -> int:
+        key = len(_json_string(self.key).encode())
+        return (
+            len('{"hash":"","agent":"","key":,"value":,"created_ns":}')
+            + 64
+            + len(self.agent)
+            + key
+            + len(self.canonical)
+            + 20
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +197,23 @@ class PutResult:
 class Page:
     entries: list[Entry]
     next: str | None
+    cursors: list[str]
+    """``cursors[i]`` continues the listing after ``entries[i]``; used to cut a page that would not fit a line."""
 
     def to_json(self) -> dict[str, Any]:
         return {"entries": [e.to_json() for e in self.entries], "next": self.next}
 
-    def to_wire(self) -> str:
-        entries = ",".join(e.to_wire() for e in self.entries)
-        return f'{{"entries":[{entries}],"next":{"null" if self.next is None else _json_string(self.next)}}}'
+    def to_wire(self, budget: int = PAGE_BUDGET) -> str:
+        """The page as JSON text of at most ``budget`` bytes: entries that do not fit move to the next page."""
+        texts: list[str] = []
+        size = 64  # the page's own framing and cursor
+        following = self.next
+        for index, entry in enumerate(self.entries):
+            text = entry.to_wire()
+            size += len(text.encode()) + 1
+            if texts and size > budget:
+                following = self.cursors[index - 1]
+                break
+            texts.append(text)
+        cursor = "null" if following is None else _json_string(following)
+        return f'{{"entries":[{",".join(texts)}],"next":{cursor}}}'

@@ -224,6 +224,7 @@ class CtxGraphServer:
         self._agents: dict[str, _AgentEndpoint] = {}
         self._connections: set[asyncio.Task[Any]] = set()
         self._started = time.monotonic()
+        self._registry_lock = asyncio.Lock()  # register/unregister yield mid-way; they must not interleave
         self._stopped = asyncio.Event()
         self._ops: dict[str, OpHandler] = {
             "put": self._put,
@@ -479,6 +480,10 @@ class CtxGraphServer:
 
     async def _register_agent(self, request: Request, conn: Connection[Binding]) -> Reply:
         conn.context.identity.check_admin(request.op)
+        async with self._registry_lock:
+            return await self._register_agent_locked(request)
+
+    async def _register_agent_locked(self, request: Request) -> Reply:
         params = Params(request, {"agent", "read", "write", "uid", "gid", "cid"})
         name = validate_agent(params.raw("agent"))
         read = _prefixes(params, "read")
@@ -502,7 +507,10 @@ class CtxGraphServer:
             endpoint.binding.identity = Identity(name, read, write)
             endpoint.cid = cid
             if uid is not None or gid is not None:
-                os.chown(endpoint.path, -1 if uid is None else uid, -1 if gid is None else gid)
+                try:
+                    os.chown(endpoint.path, -1 if uid is None else uid, -1 if gid is None else gid)
+                except OSError as exc:
+                    raise WireError(ErrorCode.UNAVAILABLE, f"cannot hand agent '{name}' its socket: {exc}") from None
         await asyncio.to_thread(self._store().save_agent, record)
         log.info("agent %s registered (socket %s)", name, endpoint.path)
         return {"agent": name, "socket": str(endpoint.path), "created": existing is None}
@@ -510,6 +518,10 @@ class CtxGraphServer:
     async def _unregister_agent(self, request: Request, conn: Connection[Binding]) -> Reply:
         conn.context.identity.check_admin(request.op)
         name = validate_agent(Params(request, {"agent"}).raw("agent"))
+        async with self._registry_lock:
+            return await self._unregister_agent_locked(name)
+
+    async def _unregister_agent_locked(self, name: str) -> Reply:
         endpoint = self._agents.pop(name, None)
         if endpoint is None:
             raise WireError(ErrorCode.NOT_FOUND, f"agent '{name}' is not registered")

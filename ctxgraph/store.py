@@ -123,14 +123,15 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 def _page(rows: list[tuple[Any, ...]], limit: int) -> Page:
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page([_entry(r) for r in rows], str(rows[-1][0]) if more and rows else None)
+    cursors = [str(r[0]) for r in rows]
+    return Page([_entry(r) for r in rows], cursors[-1] if more and rows else None, cursors)
 
 
 def parse_cursor(after: str | None) -> int:
     """A page cursor as handed out in ``next``; raises ValueError for anything else."""
     if after is None:
         return MAX_SEQ
-    if not after.isdecimal() or len(after) > 19 or not after.isascii():
+    if not after.isascii() or not after.isdecimal() or len(after) > 19 or int(after) > MAX_SEQ:
         raise ValueError("not a cursor")
     return int(after)
 

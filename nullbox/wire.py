@@ -648,6 +648,9 @@ class Client:
         line = self._file.readline(MAX_LINE + 2)
         if not line:
             raise ConnectionClosed()
+        if not line.endswith(b"\n") and len(line) > MAX_LINE:
+            self.close()  # the rest of that line would be read as the next reply: this connection is done
+            raise WireError(ErrorCode.INTERNAL, f"the server sent a line longer than {MAX_LINE} bytes")
         reply = decode_json(line)
         if not isinstance(reply, dict):
             raise WireError(ErrorCode.INTERNAL, "the server sent a reply that is not a protocol object")
