@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".nullbox-installed"
-APT_PACKAGES = ["python3-venv", "python3-pip", "python3-nftables", "nftables", "iproute2", "sqlite3"]
+APT_PACKAGES = ["python3-venv", "python3-nftables"]
 
 
 def run(argv: list[str], **env: str) -> None:
