@@ -225,7 +225,6 @@ class CtxGraphServer:
         self._connections: set[asyncio.Task[Any]] = set()
         self._started = time.monotonic()
         self._registry_lock = asyncio.Lock()  # register/unregister yield mid-way; they must not interleave
-        self._stopped = asyncio.Event()
         self._ops: dict[str, OpHandler] = {
             "put": self._put,
             "put_batch": self._put_batch,
@@ -272,12 +271,13 @@ class CtxGraphServer:
         )
 
     async def _open_vsock(self, port: int) -> None:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         try:
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             sock.bind((VSOCK_CID_ANY, port))
             sock.listen(128)
             sock.setblocking(False)
         except OSError as exc:
+            sock.close()
             log.warning("vsock port %d unavailable (%s); agents reach ctxgraph through their unix sockets", port, exc)
             return
         self._vsock = await asyncio.start_server(self._serve_vsock, sock=sock)
@@ -307,7 +307,6 @@ class CtxGraphServer:
             endpoint.path.unlink(missing_ok=True)
         if self.store is not None:
             self.store.close()
-        self._stopped.set()
         log.info("stopped")
 
     async def run(self) -> None:

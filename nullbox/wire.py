@@ -229,9 +229,6 @@ class Params:
         self._params = request.params
         self._op = request.op
 
-    def has(self, name: str) -> bool:
-        return name in self._params
-
     def raw(self, name: str) -> Any:
         if name not in self._params:
             raise invalid(f"'{self._op}' needs '{name}'")
@@ -347,11 +344,9 @@ Handler = Callable[[Request, "Connection[C]"], Awaitable[Reply]]
 
 @dataclass
 class Connection(Generic[C]):
-    """One client connection as a handler sees it: who is on the other end, and whether it is still there."""
+    """One client connection as a handler sees it: who is on the other end, and per-connection state."""
 
     context: C
-    peer: Any = None
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -369,7 +364,7 @@ async def serve_connection(
     connection; beyond that the server stops reading, so a client that pipelines without reading replies
     holds bounded memory.
     """
-    conn: Connection[C] = Connection(context=context, peer=writer.get_extra_info("peername"))
+    conn: Connection[C] = Connection(context=context)
     replies: asyncio.Queue[_Pending | None] = asyncio.Queue(max_inflight)
     budget = _ByteBudget(MAX_INFLIGHT_BYTES)
     streams: set[asyncio.Task[None]] = set()
@@ -392,7 +387,6 @@ async def serve_connection(
         await replies.put(None)
         with contextlib.suppress(Exception):
             await sender
-        conn.closed.set()
         for task in streams:
             task.cancel()
         for task in list(streams):
@@ -493,7 +487,6 @@ async def _send_replies(
             budget.release(item.size)
         await flush()
     except (ConnectionError, OSError):
-        conn.closed.set()
         # Keep consuming so the reader never blocks on a full queue or a spent budget of a dead connection.
         budget.limit = 2**62
         budget.release(0)
