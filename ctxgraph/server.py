@@ -27,6 +27,7 @@ from ctxgraph.model import Draft, Entry, PutResult, validate_agent, validate_has
 from ctxgraph.store import AgentRecord, Store, parse_cursor
 from nullbox import notify
 from nullbox.wire import (
+    READ_CHUNK,
     Connection,
     ErrorCode,
     Params,
@@ -48,6 +49,10 @@ MAX_BATCH_ROWS: Final = 4096
 MAX_PUT_BATCH: Final = 1000
 MAX_PAGE: Final = 1000
 WATCH_QUEUE: Final = 4096
+MAX_AGENT_CONNECTIONS: Final = 64
+"""Per agent socket: enough for any sane agent, and a bound on what a misbehaving one can hold open."""
+MAX_ADMIN_CONNECTIONS: Final = 256
+REFUSAL_LINGER: Final = 1.0
 VSOCK_CID_ANY: Final = 0xFFFFFFFF
 
 
@@ -326,6 +331,12 @@ class CtxGraphServer:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, binding: Binding, registry: set[Any]
     ) -> None:
+        limit = MAX_ADMIN_CONNECTIONS if binding.identity.is_admin else MAX_AGENT_CONNECTIONS
+        if len(registry) >= limit:
+            await _refuse(
+                reader, writer, WireError(ErrorCode.UNAVAILABLE, f"too many connections to this socket ({limit})")
+            )
+            return
         task = asyncio.current_task()
         registry.add(task)
         try:
@@ -343,11 +354,7 @@ class CtxGraphServer:
         """Serve a vsock connection as the agent registered for the peer's CID, or refuse it."""
         endpoint = next((e for e in self._agents.values() if cid is not None and e.cid == cid), None)
         if endpoint is None:
-            error = WireError(ErrorCode.FORBIDDEN, f"no agent is registered for vsock CID {cid}")
-            with contextlib.suppress(ConnectionError, OSError):
-                writer.write(encode(failure(None, error)))
-                await writer.drain()
-            writer.close()
+            await _refuse(reader, writer, WireError(ErrorCode.FORBIDDEN, f"no agent is registered for vsock CID {cid}"))
             return
         await self._serve(reader, writer, endpoint.binding, endpoint.connections)
 
@@ -537,6 +544,23 @@ class CtxGraphServer:
         conn.context.identity.check_admin(request.op)
         Params(request, set())
         return {"agents": [r.to_json() for r in self._store().agents()]}
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: WireError) -> None:
+    """Turn a connection away with one error line.
+
+    What the client already sent is read and dropped for a moment before closing: closing a socket with unread
+    input resets the connection, and the reset can destroy the error line before the client reads it.
+    """
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        writer.write(encode(failure(None, error)))
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(REFUSAL_LINGER):
+            while await reader.read(READ_CHUNK):
+                pass
+    writer.close()
 
 
 def _prefixes(params: Params, name: str) -> tuple[str, ...] | None:

@@ -612,6 +612,14 @@ def _check_reply(reply: Any) -> JSONObject:
     return reply
 
 
+def _connection_error_check(reply: JSONObject) -> JSONObject:
+    """Raise an error line that carries no id: our clients always send ids, so it concerns the connection
+    (e.g. the server refused it), not one request."""
+    if reply.get("id") is None and reply.get("ok") is False:
+        _check_reply(reply)
+    return reply
+
+
 def _result(reply: JSONObject) -> JSONObject:
     return {k: v for k, v in reply.items() if k not in ("id", "ok")}
 
@@ -647,7 +655,7 @@ class Client:
         reply = decode_json(line)
         if not isinstance(reply, dict):
             raise WireError(ErrorCode.INTERNAL, "the server sent a reply that is not a protocol object")
-        return reply
+        return _connection_error_check(reply)
 
     def send(self, op: str, **params: Any) -> int:
         request_id = next(self._ids)
@@ -752,7 +760,7 @@ class AsyncClient:
                 reply = decode_json(line)
                 if not isinstance(reply, dict):
                     continue
-                request_id = reply.get("id")
+                request_id = _connection_error_check(reply).get("id")
                 if request_id in self._streams:
                     queue = self._streams[request_id]
                     try:

@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from ctxgraph.model import hash_hex
 from ctxgraph.process import ServerProcess
-from ctxgraph.server import CtxGraphServer, ServerConfig
+from ctxgraph.server import MAX_AGENT_CONNECTIONS, CtxGraphServer, ServerConfig
 from nullbox.wire import Client, ErrorCode, WireError, decode_json
 
 
@@ -332,3 +333,31 @@ def test_large_pipelined_batch_completes(server: ServerProcess) -> None:
     assert all(isinstance(r, dict) and r["created"] for r in replies)
     with server.client() as admin:
         assert admin.stats()["entries"] == 8000
+
+
+def test_connections_per_agent_socket_are_bounded(server: ServerProcess) -> None:
+    with server.client() as admin:
+        admin.register_agent("greedy")
+    path = str(server.agents_dir / "greedy.sock")
+    held = []
+    for _ in range(MAX_AGENT_CONNECTIONS):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        held.append(sock)
+    with server.client("greedy") as surplus:  # the server accepts, answers once, and closes
+        refused = _error(surplus.stats)
+    assert refused.code == ErrorCode.UNAVAILABLE and "too many connections" in refused.message
+    with server.client() as admin:  # other sockets are not affected
+        assert admin.stats()["connections"] >= MAX_AGENT_CONNECTIONS
+    held.pop().close()
+    for _ in range(50):
+        try:
+            with server.client("greedy") as again:
+                assert again.stats()["entries"] == 0
+                break
+        except WireError:
+            time.sleep(0.05)  # the server notices the closed connection asynchronously
+    else:
+        pytest.fail("a slot freed by a closed connection was never reused")
+    for sock in held:
+        sock.close()
