@@ -1,0 +1,53 @@
+"""``python -m nulld``: PID 1 on the appliance, or a child subreaper for development and tests."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nullbox import log as nullbox_log
+from nulld import config
+from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, Options, run_forever
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nulld", description="NullBox's init and service supervisor.")
+    parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH, help=f"default {config.DEFAULT_PATH}")
+    parser.add_argument(
+        "--socket", type=Path, default=DEFAULT_SOCKET, help=f"control socket (default {DEFAULT_SOCKET})"
+    )
+    parser.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR, help="notify sockets and state")
+    parser.add_argument(
+        "--no-mounts",
+        action="store_true",
+        help="as PID 1 in a container or test namespace: leave the mount table alone, now and at shutdown",
+    )
+    parser.add_argument("--fallback", type=Path, help="service set to boot when --config is broken (PID 1 only)")
+    parser.add_argument("--check", action="store_true", help="validate --config, print the start order, and exit")
+    args = parser.parse_args(argv)
+    if args.check:
+        try:
+            checked = config.load(args.config)
+        except config.ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        print(" -> ".join(checked.order) or "(no services)")
+        return 0
+    pid1 = os.getpid() == 1
+    nullbox_log.setup("nulld", kmsg=pid1)
+    os.umask(0o022)
+    options = Options(
+        config=args.config,
+        socket=args.socket,
+        runtime_dir=args.runtime_dir,
+        pid1=pid1,
+        mounts=not args.no_mounts,
+        fallback=args.fallback,
+    )
+    return run_forever(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
