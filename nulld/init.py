@@ -107,6 +107,8 @@ class Nulld:
             await self._boot()
             await self._supervise()
         except Exception as exc:
+            if isinstance(exc, ConfigError) and not self.options.pid1:
+                raise  # in development a broken config is the developer's to fix: exit 2
             self.degraded = f"{type(exc).__name__}: {exc}"
             log.exception("nulld's main loop failed; running degraded (still reaping, still serving control)")
         action = await self.power
