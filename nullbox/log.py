@@ -30,6 +30,7 @@ class _ComponentFilter(logging.Filter):
 class KmsgHandler(logging.Handler):
     """Writes to the kernel log with a syslog ``<priority>`` prefix, so early boot messages reach the console."""
 
+    MAX_BYTES: Final = 1000
     PRIORITIES: Final = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
     def __init__(self, component: str, path: str = "/dev/kmsg") -> None:
@@ -41,8 +42,10 @@ class KmsgHandler(logging.Handler):
         priority = self.PRIORITIES.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
         try:
             text = self.format(record).replace("\n", " ")
-            # One write per record: the kernel turns each write into one log record.
-            os.write(self._fd, f"<{priority}>{self.component}: {text}"[:1000].encode("utf-8", "replace") + b"\n")
+            # One write per record: the kernel turns each write into one log record, and refuses (EINVAL) a write
+            # over 1024 bytes.  Cut in bytes, then drop a character the cut may have split.
+            data = f"<{priority}>{self.component}: {text}".encode("utf-8", "replace")[: self.MAX_BYTES]
+            os.write(self._fd, data.decode("utf-8", "ignore").encode() + b"\n")
         except OSError:
             self.handleError(record)
 

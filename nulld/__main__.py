@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-mounts",
         action="store_true",
-        help="as PID 1 in a container or test namespace: leave the mount table alone, now and at shutdown",
+        help="as PID 1 in a container or test namespace: leave the mount table and kernel settings alone",
     )
     parser.add_argument("--fallback", type=Path, help="service set to boot when --config is broken (PID 1 only)")
     parser.add_argument("--check", action="store_true", help="validate --config, print the start order, and exit")

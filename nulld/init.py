@@ -139,6 +139,7 @@ class Nulld:
         if self.options.pid1:
             if self.options.mounts:
                 done = mount.mount_all()
+                sysinit.unlimit_kmsg()
                 self._boot_notes.append(f"mounted {', '.join(done) or 'nothing (all present)'}")
                 enabled = mount.enable_cgroup_controllers()
                 self._boot_notes.append(f"cgroup controllers: {' '.join(enabled) or 'none'}")
@@ -147,13 +148,15 @@ class Nulld:
             sysinit.loopback_up()
         else:
             syscalls.set_child_subreaper()
+        mounts_done = time.monotonic()
+        await self._start_control()  # first: whatever happens next, the control socket is there
+        control_ready = time.monotonic()
         self.config = self._load_config()
         if self.options.pid1:
             sysinit.set_hostname(self.config.hostname)
         self.supervisor = Supervisor(self.config, self.options.runtime_dir, origin=origin)
-        self.supervisor.mark("mounts_done")
-        await self._start_control()
-        self.supervisor.mark("control_ready")
+        self.supervisor.mark("mounts_done", at=mounts_done)
+        self.supervisor.mark("control_ready", at=control_ready)
         self.supervisor.start_all()
         notify.ready()
 

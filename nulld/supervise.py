@@ -142,8 +142,8 @@ class Supervisor:
 
     # ---------------------------------------------------------------------------------------------- timings
 
-    def mark(self, event: str, service: str | None = None) -> None:
-        self.timings.append(Timing(event, service, time.monotonic()))
+    def mark(self, event: str, service: str | None = None, *, at: float | None = None) -> None:
+        self.timings.append(Timing(event, service, time.monotonic() if at is None else at))
 
     # ----------------------------------------------------------------------------------------------- start
 
@@ -465,11 +465,16 @@ class Supervisor:
         """Stop everything, dependents before their dependencies; independent services in parallel."""
         self.shutting_down = True
         self.mark("shutdown")
-        pending = set(self.units)
-        while pending:
-            layer = sorted(n for n in pending if not any(n in self.units[o].service.depends_on for o in pending))
-            await asyncio.gather(*(self.stop(n) for n in layer))
-            pending.difference_update(layer)
+        stopping: dict[str, asyncio.Task[Unit]] = {}
+
+        async def stop_after_dependents(name: str) -> Unit:
+            # Each service stops as soon as everything that depends on it has stopped, not a layer later.
+            await asyncio.gather(*(stopping[other] for other in dependents(self._graph, name)))
+            return await self.stop(name)
+
+        for name in reversed(self.config.order):
+            stopping[name] = asyncio.create_task(stop_after_dependents(name))
+        await asyncio.gather(*stopping.values())
         self.mark("stopped")
 
     def follow(self, name: str) -> asyncio.Queue[LogLine | None]:

@@ -6,6 +6,7 @@ import fcntl
 import logging
 import socket
 import struct
+from pathlib import Path
 from typing import Final
 
 log = logging.getLogger("nulld")
@@ -34,3 +35,12 @@ def loopback_up(interface: str = "lo") -> bool:
             log.error("cannot bring %s up: %s", interface, exc)
             return False
     return True
+
+
+def unlimit_kmsg() -> None:
+    """Let userspace writes to /dev/kmsg through unthrottled: by default the kernel keeps 10 lines per 5 s per
+    writer and drops the rest silently, which would lose most of the services' output and our own."""
+    try:
+        Path("/proc/sys/kernel/printk_devkmsg").write_text("on\n")
+    except OSError as exc:
+        log.warning("cannot lift the /dev/kmsg rate limit: %s", exc)
