@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from nullbox import log as nullbox_log
-from nulld import config
-from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, Options, run_forever
+# nulld never speaks TLS, but asyncio imports ssl (and with it libssl and libcrypto, ~4 MiB resident) when it
+# can.  Blocking the import keeps PID 1 small; asyncio is written to run without ssl.
+sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nullbox import log as nullbox_log  # noqa: E402
+from nulld import config  # noqa: E402
+from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, Options, run_forever  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

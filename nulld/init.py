@@ -70,7 +70,7 @@ class Options:
 class Nulld:
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.started = time.monotonic()
+        self.started = process_start()
         self.config: Config | None = None
         self.supervisor: Supervisor | None = None
         self.degraded: str | None = None
@@ -177,7 +177,7 @@ class Nulld:
             return config_module.builtin(str(exc).splitlines())
 
     async def _start_control(self) -> None:
-        self.options.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.options.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o711)  # services reach notify.sock
         sock = bind_unix(self.options.socket, 0o600)
         self._control = await asyncio.start_unix_server(
             lambda r, w: serve_connection(r, w, self._handle, None), sock=sock
@@ -297,6 +297,17 @@ class Nulld:
         else:
             raise invalid("'where' must be 'main' or 'callback'")
         return {"injected": where}
+
+
+def process_start() -> float:
+    """When this process was exec'd, on the monotonic clock (so boot timings include interpreter start-up)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime), counted after the ')'
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+    # starttime is on CLOCK_BOOTTIME; shift it onto CLOCK_MONOTONIC (they differ by time spent suspended).
+    return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
 
 
 def _raise_injected() -> None:

@@ -14,6 +14,7 @@ import os
 import pwd
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections import deque
@@ -81,7 +82,6 @@ class Unit:
     output: deque[LogLine] = field(default_factory=lambda: deque(maxlen=RING_LINES))
     followers: set[asyncio.Queue[LogLine | None]] = field(default_factory=set)
     timers: list[asyncio.Handle] = field(default_factory=list)
-    notify_socket: socket.socket | None = None
     pipes: list[int] = field(default_factory=list)
     partial: dict[str, bytes] = field(default_factory=dict)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -135,10 +135,15 @@ class Supervisor:
         self.runtime_dir = runtime_dir
         self.units = {name: Unit(config.services[name]) for name in config.order}
         self._graph = {name: s.depends_on for name, s in config.services.items()}
+        self._direct_dependents: dict[str, list[str]] = {name: [] for name in config.order}
+        for name in config.order:  # in start order, so dependents are considered in a deterministic order
+            for dep in config.services[name].depends_on:
+                self._direct_dependents[dep].append(name)
         self._by_pid: dict[int, Unit] = {}
         self.origin = time.monotonic() if origin is None else origin
         self.timings: list[Timing] = []
         self.shutting_down = False
+        self._notify: socket.socket | None = None
 
     # ---------------------------------------------------------------------------------------------- timings
 
@@ -171,9 +176,8 @@ class Supervisor:
             self._spawn(unit)
 
     def _consider_dependents(self, unit: Unit) -> None:
-        for name in self.config.order:
-            if unit.name in self.units[name].service.depends_on:
-                self._consider(self.units[name])
+        for name in self._direct_dependents[unit.name]:
+            self._consider(self.units[name])
 
     def _spawn(self, unit: Unit) -> None:
         service = unit.service
@@ -182,8 +186,7 @@ class Supervisor:
         try:
             user = _resolve_user(service.user)
             if service.ready == ReadyKind.NOTIFY:
-                unit.notify_socket = self._notify_socket(unit)
-                env["NOTIFY_SOCKET"] = unit.notify_socket.getsockname()
+                env["NOTIFY_SOCKET"] = self._notify_path()
             popen = subprocess.Popen(
                 service.argv,
                 stdin=subprocess.DEVNULL,
@@ -198,7 +201,6 @@ class Supervisor:
                 extra_groups=None if user is None else [],
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError, KeyError) as exc:
-            self._close_notify(unit)
             reason = _spawn_error(service, exc)
             log.error("%s cannot start: %s", unit.name, reason)
             unit.ready = False
@@ -206,7 +208,6 @@ class Supervisor:
             self._consider_dependents(unit)
             return
         except OSError as exc:
-            self._close_notify(unit)
             log.error("%s failed to spawn: %s", unit.name, exc)
             unit.last_exit = {"error": str(exc)}
             self._after_failure(unit, uptime=0.0)
@@ -231,54 +232,60 @@ class Supervisor:
             self._became_ready(unit)
             return
         unit.timers.append(loop.call_later(service.ready_timeout, self._ready_timeout, unit, popen.pid))
-        if service.ready == ReadyKind.NOTIFY:
-            assert unit.notify_socket is not None
-            loop.add_reader(unit.notify_socket.fileno(), self._read_notify, unit)
-        else:
+        if service.ready == ReadyKind.SOCKET:
             assert service.ready_socket is not None
             unit.timers.append(loop.call_soon(self._probe_socket, unit, popen.pid, SOCKET_PROBE_INITIAL))
 
-    def _notify_socket(self, unit: Unit) -> socket.socket:
-        directory = self.runtime_dir / "notify"
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = directory / f"{unit.name}.sock"
-        path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        sock.bind(str(path))
-        if unit.service.user is not None:
-            user = _resolve_user(unit.service.user)
-            if user is not None:
-                os.chown(path, user[0], user[1])
-        return sock
+    def _notify_path(self) -> str:
+        """One datagram socket for every notify service; senders are told apart by their kernel-checked pid."""
+        if self._notify is None:
+            self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+            path = self.runtime_dir / "notify.sock"
+            path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.bind(str(path))
+            path.chmod(0o666)  # services of any user may report; only a service's own processes count
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._read_notify)
+            self._notify = sock
+        return str(self.runtime_dir / "notify.sock")
 
-    def _close_notify(self, unit: Unit) -> None:
-        if unit.notify_socket is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(unit.notify_socket.fileno())
-            path = unit.notify_socket.getsockname()
-            unit.notify_socket.close()
-            unit.notify_socket = None
-            if isinstance(path, str) and path:
-                Path(path).unlink(missing_ok=True)
+    def _sender(self, pid: int) -> Unit | None:
+        """The service a notify datagram came from: its main process, or any process in its process group."""
+        unit = self._by_pid.get(pid)
+        if unit is None:
+            with contextlib.suppress(OSError):
+                unit = self._by_pid.get(os.getpgid(pid))
+        return unit
 
     # -------------------------------------------------------------------------------------------- readiness
 
-    def _read_notify(self, unit: Unit) -> None:
-        sock = unit.notify_socket
-        if sock is None:
-            return
+    def _read_notify(self) -> None:
+        assert self._notify is not None
         while True:
             try:
-                message = sock.recv(4096)
-            except BlockingIOError:
+                message, ancillary, _flags, _addr = self._notify.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as exc:
+                log.warning("notify socket: %s", exc)
                 return
+            pid = next(
+                (
+                    struct.unpack("3i", data[:12])[0]
+                    for level, kind, data in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12
+                ),
+                None,
+            )
+            unit = None if pid is None else self._sender(pid)
+            if unit is None:
+                continue  # not from a service we run: ignored
             fields = message.decode("utf-8", "replace").splitlines()
             for item in fields:
                 if item.startswith("STATUS="):
                     unit.message = item[len("STATUS=") :][:200]
-            if "READY=1" in fields and unit.state == State.STARTING:
+            if "READY=1" in fields and unit.state == State.STARTING and unit.service.ready == ReadyKind.NOTIFY:
                 self._became_ready(unit)
 
     def _probe_socket(self, unit: Unit, pid: int, delay: float) -> None:
@@ -300,7 +307,6 @@ class Supervisor:
         for timer in unit.timers:
             timer.cancel()
         unit.timers.clear()
-        self._close_notify(unit)
         unit.ready = True
         unit.set_state(State.READY)
         self.mark("ready", unit.name)
@@ -363,7 +369,6 @@ class Supervisor:
         for timer in unit.timers:
             timer.cancel()
         unit.timers.clear()
-        self._close_notify(unit)
         assert unit.popen is not None
         unit.popen.returncode = os.waitstatus_to_exitcode(status)  # we reaped it; keep Popen consistent
         unit.popen = None
@@ -475,6 +480,11 @@ class Supervisor:
         for name in reversed(self.config.order):
             stopping[name] = asyncio.create_task(stop_after_dependents(name))
         await asyncio.gather(*stopping.values())
+        if self._notify is not None:
+            asyncio.get_running_loop().remove_reader(self._notify.fileno())
+            self._notify.close()
+            self._notify = None
+            (self.runtime_dir / "notify.sock").unlink(missing_ok=True)
         self.mark("stopped")
 
     def follow(self, name: str) -> asyncio.Queue[LogLine | None]:

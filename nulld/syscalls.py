@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Final
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# dlopen(NULL): the interpreter's own symbols, libc's among them.  find_library() would run ldconfig (absent on
+# the appliance) in a subprocess at import time.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 MS_RDONLY: Final = 1
 MS_NOSUID: Final = 2

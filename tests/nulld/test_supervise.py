@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -400,3 +401,35 @@ def test_signals_in_a_burst_do_not_disturb_supervision(nulld: NulldProcess) -> N
     finally:
         stop.set()
         storm.join()
+
+
+def test_notify_counts_only_the_services_own_processes(nulld: NulldProcess) -> None:
+    notify = nulld.program("notify", NOTIFY_AFTER)
+    silent = nulld.program("silent", "import time; time.sleep(100000)\n")
+    nulld.root.chmod(0o755)  # the service running as nobody reads its program from here
+    Path(notify).chmod(0o644)
+    nulld.write_config(f"""
+        [service.wrapped]
+        binary = "/bin/sh"
+        args = ["-c", "{PYTHON} {notify} 0.1; true"]
+        ready = "notify"
+        [service.as_nobody]
+        binary = "{PYTHON}"
+        args = ["{notify}", "0"]
+        ready = "notify"
+        user = "nobody"
+        [service.silent]
+        binary = "{PYTHON}"
+        args = ["{silent}"]
+        ready = "notify"
+        ready_timeout = 60
+    """)
+    nulld.start()
+    nulld.wait_state("wrapped", "ready")  # READY=1 from a child in the service's process group counts
+    nobody = nulld.wait_state("as_nobody", "ready")
+    assert Path(f"/proc/{nobody['pid']}/status").read_text().count("\t65534\t") >= 1  # runs as nobody
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as outsider:
+        outsider.connect(str(nulld.runtime / "notify.sock"))
+        outsider.send(b"READY=1")  # the test process is no service: ignored
+    time.sleep(0.3)
+    assert nulld.service("silent")["state"] == "starting"
