@@ -137,10 +137,14 @@ def enable_cgroup_controllers(root: str = "") -> list[str]:
     return enabled
 
 
-def unmount_all(keep: frozenset[str] = frozenset({"/"})) -> None:
-    """At shutdown: unmount what can be, deepest first; what is busy is remounted read-only."""
+def unmount_all(under: str = "", api: frozenset[str] = API_FILESYSTEMS) -> None:
+    """At shutdown: unmount what can be, deepest first; what is busy is remounted read-only.
+
+    Root stays (it is read-only SquashFS on the appliance), and so do the kernel's API filesystems.  ``under``
+    limits the sweep to mounts below a directory (tests).
+    """
     for point in reversed(mounted()):
-        if point.target in keep or point.fstype in API_FILESYSTEMS:
+        if point.target == "/" or point.fstype in api or not point.target.startswith(under + "/"):
             continue
         try:
             syscalls.umount(point.target)

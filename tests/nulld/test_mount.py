@@ -69,3 +69,35 @@ def test_mount_table_with_hardened_flags(tmp_path: Path) -> None:
         assert mounts[target][0] == fstype
         assert flags <= set(mounts[target][1].split(",")), (target, mounts[target])
     assert not (root / "proc" / "self").exists()  # the namespace's mounts never leaked to the host
+
+
+UNMOUNT_SCRIPT = """
+import json, os, subprocess, sys
+from nulld import syscalls
+from nulld.mount import mounted, unmount_all
+root = sys.argv[1]
+for sub in ("a", "a/b", "busy"):
+    os.makedirs(f"{root}/{sub}", exist_ok=True)
+    syscalls.mount("tmpfs", f"{root}/{sub}", "tmpfs")
+holder = subprocess.Popen(["sleep", "60"], cwd=f"{root}/busy")  # keeps the mount busy
+unmount_all(under=root, api=frozenset())
+left = {p.target[len(root):]: p.options for p in mounted() if p.target.startswith(root + "/")}
+holder.kill()
+print(json.dumps(left))
+"""
+
+
+def test_shutdown_unmounts_deepest_first_and_remounts_busy_ones_read_only(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", UNMOUNT_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    left = json.loads(result.stdout)
+    assert list(left) == ["/busy"]  # /a/b went before /a; both are gone
+    assert left["/busy"].split(",")[0] == "ro"
