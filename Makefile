@@ -26,7 +26,8 @@ unit: deps
 	$(BIN)/pytest
 
 bench: deps
-	$(BIN)/python bench/ctxgraph_bench.py
+	$(BIN)/python -m bench.ctxgraph_bench
+	$(BIN)/python -m bench.nulld_bench
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

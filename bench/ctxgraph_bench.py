@@ -1,7 +1,7 @@
 """ctxgraph benchmark: write throughput, put latency, prefix-query latency and server memory, in one run.
 
-    .venv/bin/python bench/ctxgraph_bench.py            # full run: 1,000,000 entries for the query phase
-    .venv/bin/python bench/ctxgraph_bench.py --quick    # smoke run: small database, few samples
+    .venv/bin/python -m bench.ctxgraph_bench            # full run: 1,000,000 entries for the query phase
+    .venv/bin/python -m bench.ctxgraph_bench --quick    # smoke run: small database, few samples
 
 Every measurement uses rows of the same shape: agent ``agent-A``, key ``agent-A/topic-T/item-I``, and a small
 JSON object value (~150 bytes in RFC 8785 form).  Row ``n`` has A = n % 20, T = (n // 20) % 50, I = n // 1000,
@@ -31,10 +31,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from bench.common import Report, log, process_cpu_s, status_kib, verdict
 from ctxgraph.model import Draft
 from ctxgraph.process import ServerProcess
 from ctxgraph.store import _SCHEMA_V1, Store
@@ -101,20 +102,6 @@ def percentile(ordered: list[float], pct: int) -> float:
     return ordered[rank - 1]
 
 
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds, from /proc/PID/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(pid: int, field_name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/{pid}/status has no {field_name}")
-
-
 def filesystem_of(path: Path) -> str:
     best = ("", "?", "?")
     target = str(path.resolve())
@@ -130,53 +117,6 @@ def filesystem_of(path: Path) -> str:
 
 def ms(ns: float) -> float:
     return ns / 1e6
-
-
-@dataclass
-class Row:
-    measurement: str
-    value: str
-    unit: str
-    versus: str = ""
-    verdict: str = ""
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, measurement: str, value: str, unit: str, versus: str = "", verdict: str = "") -> None:
-        self.rows.append(Row(measurement, value, unit, versus, verdict))
-
-    def section(self, title: str) -> None:
-        self.rows.append(Row(title, "", ""))
-
-    def render(self) -> str:
-        header = Row("measurement", "value", "unit", "ratio/baseline or target", "verdict")
-        table = [header, *self.rows]
-        measured = [r for r in table if r.value or r.unit]  # section titles span the whole line
-        widths = [max(len(getattr(r, f)) for r in measured) for f in ("measurement", "value", "unit", "versus")]
-        lines: list[str] = []
-        for index, row in enumerate(table):
-            if index > 0 and not row.value and not row.unit:
-                lines.append(f"-- {row.measurement}")
-                continue
-            lines.append(
-                f"{row.measurement:<{widths[0]}}  {row.value:>{widths[1]}}  {row.unit:<{widths[2]}}  "
-                f"{row.versus:<{widths[3]}}  {row.verdict}".rstrip()
-            )
-            if index == 0:
-                lines.append("-" * len(lines[0]))
-        return "\n".join(lines)
-
-
-def verdict(ok: bool) -> str:
-    return "meets" if ok else "misses"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

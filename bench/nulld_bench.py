@@ -1,7 +1,7 @@
 """nulld benchmark: idle memory, idle wakeups and time to all-ready for many notify services, in one run.
 
-    .venv/bin/python bench/nulld_bench.py            # full run: 100 notify services, 10 s idle window, 7 runs/arm
-    .venv/bin/python bench/nulld_bench.py --quick    # smoke run: 20 services, 3 s idle window, 3 runs/arm
+    .venv/bin/python -m bench.nulld_bench            # full run: 100 notify services, 10 s idle window, 7 runs/arm
+    .venv/bin/python -m bench.nulld_bench --quick    # smoke run: 20 services, 3 s idle window, 3 runs/arm
 
 nulld runs as a child subreaper (``python -m nulld --config F --socket S --runtime-dir D``), exactly as in
 development; its READY=1 arrives on a ReadinessListener, and it is asked about its services over the control
@@ -35,11 +35,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from bench.common import Report, log, process_cpu_s, status_fields, status_kib, verdict
 from nullbox.notify import ReadinessListener
 from nullbox.wire import Client
 from nulld.syscalls import set_child_subreaper
@@ -77,28 +78,6 @@ IMPORTS_PROGRAM: Final = (
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process, in seconds, from /proc/PID/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_fields(path: Path) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        name, _, value = line.partition(":")
-        fields[name] = value.strip()
-    return fields
-
-
-def status_kib(pid: int, field_name: str) -> int:
-    value = status_fields(Path(f"/proc/{pid}/status")).get(field_name)
-    if value is None:
-        raise RuntimeError(f"/proc/{pid}/status has no {field_name}")
-    return int(value.split()[0])
 
 
 @dataclass(frozen=True)
@@ -148,62 +127,12 @@ def mib(kib: int) -> float:
     return kib / 1024
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
 def spread(values: list[float], scale: Callable[[float], float] = ms) -> str:
     return " ".join(f"{scale(v):.0f}" for v in values)
-
-
-@dataclass
-class Row:
-    measurement: str
-    value: str
-    unit: str
-    versus: str = ""
-    verdict: str = ""
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, measurement: str, value: str, unit: str, versus: str = "", verdict: str = "") -> None:
-        self.rows.append(Row(measurement, value, unit, versus, verdict))
-
-    def section(self, title: str) -> None:
-        self.rows.append(Row(title, "", ""))
-
-    def render(self) -> str:
-        header = Row("measurement", "value", "unit", "ratio/baseline or target", "verdict")
-        table = [header, *self.rows]
-        measured = [r for r in table if r.value or r.unit]  # section titles span the whole line
-        widths = [max(len(getattr(r, f)) for r in measured) for f in ("measurement", "value", "unit", "versus")]
-        lines: list[str] = []
-        for index, row in enumerate(table):
-            if index > 0 and not row.value and not row.unit:
-                lines.append(f"-- {row.measurement}")
-                continue
-            lines.append(
-                f"{row.measurement:<{widths[0]}}  {row.value:>{widths[1]}}  {row.unit:<{widths[2]}}  "
-                f"{row.versus:<{widths[3]}}  {row.verdict}".rstrip()
-            )
-            if index == 0:
-                lines.append("-" * len(lines[0]))
-        return "\n".join(lines)
-
-
-def verdict(ok: bool) -> str:
-    return "meets" if ok else "misses"
-
-
-# ------------------------------------------------------------------------------------------------- processes
 
 
 class Janitor:
