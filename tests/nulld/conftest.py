@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -16,20 +13,21 @@ from typing import Any
 
 import pytest
 
-from nullbox.notify import ReadinessListener
+from nullbox.daemon import DaemonProcess
 from nullbox.wire import Client
 
 PYTHON = sys.executable
 
 
-class NulldProcess:
+class NulldProcess(DaemonProcess):
+    name = "nulld"
+
     def __init__(self, root: Path) -> None:
-        self.root = root
+        super().__init__(root)
         self.config = root / "nulld.toml"
         self.socket = root / "nulld.sock"
         self.runtime = root / "run"
-        self.log = root / "nulld.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []
 
     def program(self, name: str, source: str) -> str:
         """Write a service program; returns its path."""
@@ -40,14 +38,15 @@ class NulldProcess:
     def write_config(self, text: str) -> None:
         self.config.write_text(textwrap.dedent(text))
 
-    def start(self, *extra: str, env: dict[str, str] | None = None, timeout: float = 30) -> NulldProcess:
+    def argv(self) -> list[str]:
         argv = [PYTHON, "-m", "nulld", "--config", str(self.config), "--socket", str(self.socket)]
-        argv += ["--runtime-dir", str(self.runtime), *extra]
-        with ReadinessListener(str(self.root / "notify.sock")) as ready, self.log.open("ab") as log:
-            self.proc = subprocess.Popen(argv, env={**os.environ, **(env or {}), **ready.env()}, stdout=log, stderr=log)
-            if not ready.wait_ready(timeout):
-                self.kill()
-                raise RuntimeError(f"nulld did not become ready; log:\n{self.log.read_text()}")
+        return [*argv, "--runtime-dir", str(self.runtime), *self.extra]
+
+    def start(self, timeout: float = 30) -> NulldProcess:
+        try:
+            super().start(timeout)
+        except RuntimeError:
+            raise RuntimeError(f"nulld did not become ready; log:\n{self.log.read_text()}") from None
         return self
 
     def client(self) -> Client:
@@ -74,14 +73,7 @@ class NulldProcess:
         return self.service(name)
 
     def terminate(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        return self.stop(timeout)
 
 
 @pytest.fixture
@@ -92,9 +84,5 @@ def nulld() -> Iterator[NulldProcess]:
     try:
         yield proc
     finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            try:
-                proc.terminate(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        proc.close()
         shutil.rmtree(root, ignore_errors=True)
