@@ -37,7 +37,7 @@ from nullbox.wire import (
     serve_connection,
 )
 from nulld import config as config_module
-from nulld import mount, syscalls, sysinit
+from nulld import mount, serialport, syscalls, sysinit
 from nulld.config import Config, ConfigError
 from nulld.power import PowerAction, power_down
 from nulld.supervise import Supervisor
@@ -47,6 +47,7 @@ log = logging.getLogger("nulld")
 DEFAULT_SOCKET: Final = Path("/run/nulld.sock")
 DEFAULT_RUNTIME_DIR: Final = Path("/run/nulld")
 TEST_HOOKS_ENV: Final = "NULLD_TEST_HOOKS"
+BOOT_WARNINGS: Final = Path("/run/nullbox/boot-warnings")
 
 SIGNAL_ACTIONS: Final = {
     signal.SIGTERM: PowerAction.POWEROFF,
@@ -78,6 +79,7 @@ class Nulld:
         self._fault: asyncio.Event | None = None
         self._control: asyncio.AbstractServer | None = None
         self._boot_notes: list[str] = []
+        self._serial: asyncio.Task[None] | None = None
         self.test_hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
         self._ops = {
             "status": self._status,
@@ -150,7 +152,11 @@ class Nulld:
             syscalls.set_child_subreaper()
         mounts_done = time.monotonic()
         await self._start_control()  # first: whatever happens next, the control socket is there
+        port = serialport.find_port()
+        if port is not None:
+            self._serial = asyncio.create_task(self._serve_serial(port))
         control_ready = time.monotonic()
+        self._boot_notes += _boot_warnings()
         self.config = self._load_config()
         if self.options.pid1:
             sysinit.set_hostname(self.config.hostname)
@@ -182,6 +188,12 @@ class Nulld:
         self._control = await asyncio.start_unix_server(
             lambda r, w: serve_connection(r, w, self._handle, None), sock=sock
         )
+
+    async def _serve_serial(self, port: Path) -> None:
+        try:
+            await serialport.serve_port(port, self._handle)
+        except Exception:
+            log.exception("the control API on %s stopped", port)
 
     def reap(self) -> None:
         """SIGCHLD: collect every exited child, ours or orphaned, until none is left."""
@@ -308,6 +320,14 @@ def process_start() -> float:
         return time.monotonic()
     # starttime is on CLOCK_BOOTTIME; shift it onto CLOCK_MONOTONIC (they differ by time spent suspended).
     return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
+
+
+def _boot_warnings(path: Path = BOOT_WARNINGS) -> list[str]:
+    """What the initramfs had to warn about (e.g. /var on tmpfs), for `status`."""
+    try:
+        return [f"warning: {line}" for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
 
 
 def _raise_injected() -> None:

@@ -1,0 +1,1 @@
+"""The appliance image build: `python -m image.build` (see image/build.py)."""
