@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nullbox-installed
 
-.PHONY: run test lint typecheck unit bench deps clean
+.PHONY: run test lint typecheck unit bench deps clean image
 
 deps: $(STAMP)
 
@@ -24,6 +24,9 @@ typecheck: deps
 
 unit: deps
 	$(BIN)/pytest
+
+image: deps
+	$(BIN)/python -m image.build
 
 bench: deps
 	$(BIN)/python -m bench.ctxgraph_bench
