@@ -13,7 +13,7 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from nullbox import log as nullbox_log  # noqa: E402
-from nulld import config  # noqa: E402
+from nulld import config, frontdoor  # noqa: E402
 from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, Options, run_forever  # noqa: E402
 
 
@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fallback", type=Path, help="service set to boot when --config is broken (PID 1 only)")
     parser.add_argument("--check", action="store_true", help="validate --config, print the start order, and exit")
+    parser.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="NAME=SOCKET",
+        help="forward NAME.<verb> requests to this socket (default: ctx=/run/nullbox/ctxgraph.sock)",
+    )
     args = parser.parse_args(argv)
     if args.check:
         try:
@@ -40,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(" -> ".join(checked.order) or "(no services)")
         return 0
+    routes = dict(frontdoor.ROUTES)
+    for item in args.route:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path.startswith("/"):
+            parser.error(f"--route {item!r}: expected NAME=/absolute/socket/path")
+        routes[name] = Path(path)
     pid1 = os.getpid() == 1
     nullbox_log.setup("nulld", kmsg=pid1)
     os.umask(0o022)
@@ -50,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         pid1=pid1,
         mounts=not args.no_mounts,
         fallback=args.fallback,
+        routes=routes,
     )
     return run_forever(options)
 

@@ -19,7 +19,8 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,7 +38,7 @@ from nullbox.wire import (
     serve_connection,
 )
 from nulld import config as config_module
-from nulld import mount, serialport, syscalls, sysinit
+from nulld import frontdoor, mount, serialport, syscalls, sysinit
 from nulld.config import Config, ConfigError
 from nulld.power import PowerAction, power_down
 from nulld.supervise import Supervisor
@@ -66,6 +67,7 @@ class Options:
     pid1: bool = False
     mounts: bool = True
     fallback: Path | None = None  # the built-in service set comes from here instead of the embedded one
+    routes: Mapping[str, Path] = field(default_factory=lambda: dict(frontdoor.ROUTES))
 
 
 class Nulld:
@@ -217,6 +219,9 @@ class Nulld:
     # ----------------------------------------------------------------------------------------- control API
 
     async def _handle(self, request: Request, conn: Connection[None]) -> Reply:
+        target = frontdoor.route(request.op, self.options.routes)
+        if target is not None:
+            return await frontdoor.forward(request, *target)
         op = self._ops.get(request.op)
         if op is None:
             raise invalid(f"unknown op {request.op!r}; known: {', '.join(sorted(self._ops))}")
@@ -245,6 +250,7 @@ class Nulld:
                 "config": None if config is None else config.source,
                 "config_errors": [] if config is None else list(config.errors),
                 "boot": self._boot_notes,
+                "root_readonly": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
                 "shutting_down": self.power is not None and self.power.done(),
             },
             "services": [] if self.supervisor is None else self.supervisor.status(),

@@ -433,3 +433,39 @@ def test_notify_counts_only_the_services_own_processes(nulld: NulldProcess) -> N
         outsider.send(b"READY=1")  # the test process is no service: ignored
     time.sleep(0.3)
     assert nulld.service("silent")["state"] == "starting"
+
+
+def test_front_door_forwards_ctx_verbs(nulld: NulldProcess) -> None:
+    ctx_socket = nulld.root / "ctx.sock"
+    nulld.write_config(f"""
+        [service.ctxgraph]
+        binary = "{PYTHON}"
+        args = ["-m", "ctxgraph", "serve", "--db", "{nulld.root / "ctx.db"}", "--socket", "{ctx_socket}",
+                "--agents-dir", "{nulld.root / "agents"}"]
+        ready = "notify"
+    """)
+    nulld.extra = ["--route", f"ctx={ctx_socket}"]
+    nulld.start()
+    nulld.wait_state("ctxgraph", "ready")
+    watcher = nulld.client()
+    events = watcher.stream("ctx.watch", prefix="door/")
+    assert next(events)["type"] == "subscribed"
+    with nulld.client() as client:
+        put = client.call("ctx.put", key="door/1", value={"via": "nulld"})
+        assert put["created"] is True
+        assert next(events)["entry"]["hash"] == put["hash"]  # the stream is relayed live
+        watcher.close()
+        assert client.call("ctx.get", hash=put["hash"])["entry"]["value"] == {"via": "nulld"}
+        assert client.call("ctx.stats")["entries"] == 1
+        for op, params, fragment in [
+            ("ctx.put", {"key": "", "value": 1}, "'key'"),  # ctxgraph's own error comes back as is
+            ("ctx.", {}, "names no verb"),
+            ("nope.put", {}, "unknown op"),
+        ]:
+            with pytest.raises(WireError) as exc:
+                client.call(op, **params)
+            assert exc.value.code == ErrorCode.INVALID_REQUEST and fragment in exc.value.message, op
+        client.call("stop", service="ctxgraph")
+        with pytest.raises(WireError) as exc:
+            client.call("ctx.stats")
+        assert exc.value.code == ErrorCode.UNAVAILABLE and "ctx is not running" in exc.value.message

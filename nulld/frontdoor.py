@@ -1,0 +1,54 @@
+"""nulld's front door: verbs named ``<service>.<verb>`` are relayed to the service that owns them.
+
+The host needs one connection (the control socket, the virtio-serial port or vsock) for everything:
+``{"op": "ctx.put", "key": ..., "value": ...}`` reaches ctxgraph's admin socket as ``{"op": "put", ...}``, and
+its reply (or its stream of events) comes back with the caller's id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from nullbox.wire import AsyncClient, ErrorCode, RawObject, Reply, Request, Stream, WireError
+
+ROUTES: Final = {
+    "ctx": Path("/run/nullbox/ctxgraph.sock"),
+}
+STREAMING: Final = frozenset({"ctx.watch"})
+
+
+def route(op: str, routes: Mapping[str, Path] = ROUTES) -> tuple[Path, str] | None:
+    """(socket, verb) for a front-door op, or None when ``op`` is nulld's own."""
+    service, dot, verb = op.partition(".")
+    if not dot or service not in routes:
+        return None
+    if not verb:
+        raise WireError(ErrorCode.INVALID_REQUEST, f"{op!r} names no verb for {service}")
+    return routes[service], verb
+
+
+async def forward(request: Request, target: Path, verb: str) -> Reply:
+    try:
+        client = await AsyncClient.connect(f"unix:{target}")
+    except OSError as exc:
+        raise WireError(
+            ErrorCode.UNAVAILABLE, f"{request.op.partition('.')[0]} is not running ({exc.strerror})"
+        ) from None
+    if request.op in STREAMING:
+
+        async def events() -> AsyncIterator[Mapping[str, Any] | RawObject]:
+            try:
+                async for event in client.stream(verb, **request.params):
+                    yield event
+            finally:
+                await client.close()
+
+        return Stream(events())
+    try:
+        return await client.call(verb, **request.params)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()
