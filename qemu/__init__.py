@@ -1,0 +1,1 @@
+"""Boot the appliance under QEMU: qemu/run (see qemu/runner.py)."""
