@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
+
+STARTED = time.monotonic()  # before the heavy imports: boot timings count nulld's start-up too
 
 # nulld never speaks TLS, but asyncio imports ssl (and with it libssl and libcrypto, ~4 MiB resident) when it
 # can.  Blocking the import keeps PID 1 small; asyncio is written to run without ssl.
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         mounts=not args.no_mounts,
         fallback=args.fallback,
         routes=routes,
+        started=STARTED,
     )
     return run_forever(options)
 

@@ -68,12 +68,13 @@ class Options:
     mounts: bool = True
     fallback: Path | None = None  # the built-in service set comes from here instead of the embedded one
     routes: Mapping[str, Path] = field(default_factory=lambda: dict(frontdoor.ROUTES))
+    started: float | None = None  # monotonic time nulld's entry point began (default: now)
 
 
 class Nulld:
     def __init__(self, options: Options) -> None:
         self.options = options
-        self.started = process_start()
+        self.started = time.monotonic() if options.started is None else options.started
         self.config: Config | None = None
         self.supervisor: Supervisor | None = None
         self.degraded: str | None = None
@@ -315,17 +316,6 @@ class Nulld:
         else:
             raise invalid("'where' must be 'main' or 'callback'")
         return {"injected": where}
-
-
-def process_start() -> float:
-    """When this process was exec'd, on the monotonic clock (so boot timings include interpreter start-up)."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime), counted after the ')'
-    except (OSError, ValueError, IndexError):
-        return time.monotonic()
-    # starttime is on CLOCK_BOOTTIME; shift it onto CLOCK_MONOTONIC (they differ by time spent suspended).
-    return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
 
 
 def _boot_warnings(path: Path = BOOT_WARNINGS) -> list[str]:
