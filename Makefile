@@ -3,14 +3,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nullbox-installed
 
-.PHONY: run test lint typecheck unit bench deps clean image
+.PHONY: run demo test lint typecheck unit bench deps clean image
 
 deps: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/bootstrap.py
 	/usr/bin/python3 scripts/bootstrap.py
 
-run: deps
+run: image
+	qemu/run
+
+demo: deps
 	$(BIN)/python -m ctxgraph demo
 
 test: deps lint typecheck unit

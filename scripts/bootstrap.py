@@ -17,7 +17,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".nullbox-installed"
-APT_PACKAGES = ["python3-venv", "python3-nftables"]
+APT_PACKAGES = [
+    "python3-venv",
+    "python3-nftables",
+    # the appliance image (make image) and its boot tests
+    "mkosi",
+    "systemd-container",
+    "debootstrap",
+    "squashfs-tools",
+    "busybox-static",
+    "cpio",
+    "zstd",
+    "grub-pc-bin",
+    "grub-efi-amd64-bin",
+    "grub-common",
+    "xorriso",
+    "mtools",
+    "dosfstools",
+    "ovmf",
+    "qemu-system-x86",
+    "qemu-utils",
+    "e2fsprogs",
+    "ca-certificates",
+]
 
 
 def run(argv: list[str], **env: str) -> None:
