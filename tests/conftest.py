@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,3 +17,12 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     """A real ctxgraph daemon process rooted in the test's temporary directory."""
     with ServerProcess(tmp_path / "ctxgraph") as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The appliance image, built once per test run (image.build skips every step whose inputs are unchanged)."""
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "image.build"], cwd=repo, check=False, timeout=3600)
+    assert result.returncode == 0, "the image build failed (its output is above)"
+    return repo / "build"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,16 +15,7 @@ import pytest
 from nullbox.wire import Client, WireError
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "build"
 BOOT_DEADLINE = 240.0  # seconds from QEMU start to nulld answering, under TCG on a busy 2-core machine
-
-
-@pytest.fixture(scope="session")
-def image() -> Path:
-    """Build (or reuse) build/nullbox.iso and the pieces of a --direct boot."""
-    result = subprocess.run([sys.executable, "-m", "image.build"], cwd=REPO, check=False, timeout=3600)
-    assert result.returncode == 0, "the image build failed (its output is above)"
-    return BUILD
 
 
 class Appliance:

@@ -21,9 +21,7 @@ FILES = REPO / "image" / "rootfs-files"
 BUILT = REPO / "build" / "rootfs.squashfs"
 EPOCH = 1767225600
 
-needs_image = pytest.mark.skipif(
-    not BUILT.exists(), reason="build/rootfs.squashfs is not built (python -m image.build squashfs builds it)"
-)
+needs_image = pytest.mark.usefixtures("image")  # builds the image once per run, or reuses it
 
 
 @dataclass(frozen=True)
@@ -222,8 +220,8 @@ def test_runtime_requirements_leave_out_extras() -> None:
 
 
 @pytest.fixture(scope="module")
-def built() -> dict[str, Entry]:
-    return listing(BUILT)
+def built(image: Path) -> dict[str, Entry]:
+    return listing(image / "rootfs.squashfs")
 
 
 def _resolve(entries: dict[str, Entry], path: str) -> str:
@@ -306,7 +304,6 @@ def test_image_checksum() -> None:
 
 @needs_image
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO / "build" / "rootfs").is_dir(), reason="build/rootfs is not there")
 def test_image_repacks_to_the_same_bytes(tmp_path: Path) -> None:
     """build/rootfs packed again, with the epoch recorded in the image, gives build/rootfs.squashfs exactly."""
     with BUILT.open("rb") as f:
