@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Final
 
+from packaging.markers import Marker
+
 from image.context import Context
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -473,14 +475,13 @@ def venv_site_packages(repo: Path) -> Path:
 
 
 def runtime_requirements(requirements: Iterable[str]) -> list[str]:
-    """Names of the requirements that apply at run time: those without an `extra == ...` marker."""
+    """Names of the requirements that apply at run time on the appliance: no extras, and environment markers
+    evaluated for this interpreter (the image ships the same Python on the same platform)."""
     names = []
     for requirement in requirements:
         spec, _, marker = requirement.partition(";")
-        if "extra" in marker:
+        if marker.strip() and not Marker(marker.strip()).evaluate({"extra": ""}):
             continue
-        if marker.strip():
-            raise RuntimeError(f"rootfs: cannot decide the environment marker of requirement {requirement!r}")
         names.append(re.split(r"[\s\[<>=!~(]", spec.strip(), maxsplit=1)[0])
     return names
 

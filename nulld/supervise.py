@@ -308,7 +308,7 @@ class Supervisor:
             timer.cancel()
         unit.timers.clear()
         unit.ready = True
-        unit.set_state(State.READY)
+        unit.set_state(State.READY, unit.message)  # keeps what the service said with STATUS=
         self.mark("ready", unit.name)
         log.info("%s is ready", unit.name)
         self._consider_dependents(unit)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -25,8 +28,9 @@ class Appliance:
         self.state = state
         self.log = state / "console.log"
         argv = [str(REPO / "qemu" / "run"), "--state", str(state), "--log", str(self.log), "--timeout", "900", *args]
+        # Its own session: qemu/run and the QEMU it starts are one process group, killed together in close().
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     @property
@@ -62,9 +66,9 @@ class Appliance:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # QEMU too, even when qemu/run itself has exited
+        self.proc.wait()
 
 
 @pytest.fixture

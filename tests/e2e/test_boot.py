@@ -19,10 +19,12 @@ def test_boot_put_reboot_and_the_data_survives(image: Path, boot_dir: Path) -> N
         assert nulld["root_readonly"] is True
         status = box.wait_for_nulld() if status["services"][0]["state"] != "ready" else status
         deadline = time.monotonic() + 120
-        while {s["name"]: s["state"] for s in status["services"]}.get("ctxgraph") != "ready":
+        while {s["name"]: s["state"] for s in status["services"]} != {"ctxgraph": "ready", "uplink": "ready"}:
             assert time.monotonic() < deadline, status
             time.sleep(1)
             status = box.call("status")
+        uplink = {s["name"]: s for s in status["services"]}["uplink"]
+        assert uplink["message"].startswith("eth0 10.0.2.15/24 via 10.0.2.2"), uplink  # QEMU's user-mode DHCP
         events = box.call("timings")["events"]
         order = [(e["event"], e["service"]) for e in events]
         assert (

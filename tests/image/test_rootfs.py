@@ -108,7 +108,7 @@ def test_squashfs_step_writes_the_image_and_its_checksum(tmp_path: Path) -> None
 def test_shipped_nulld_toml_is_valid() -> None:
     loaded = config.load(FILES / "etc/nullbox/nulld.toml")
     assert loaded.hostname == "nullbox"
-    assert loaded.order == ("ctxgraph",)
+    assert loaded.order == ("ctxgraph", "uplink")
     service = loaded.services["ctxgraph"]
     assert service.argv == ["/usr/bin/python3", "-m", "ctxgraph", "serve"]
     assert service.restart is config.Restart.ALWAYS
@@ -214,6 +214,9 @@ Status: install ok installed
 
 def test_runtime_requirements_leave_out_extras() -> None:
     assert rootfs.runtime_requirements(["rfc8785>=0.1.4,<0.2", 'pytest>=8; extra == "dev"']) == ["rfc8785"]
+    on_windows = 'win_inet_pton; platform_system == "Windows"'
+    on_linux = 'x; sys_platform == "linux"'
+    assert rootfs.runtime_requirements([on_windows, on_linux]) == ["x"]
 
 
 # --- the built image ------------------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def test_image_etc(built: dict[str, Entry]) -> None:
     assert cat(BUILT, "/etc/hostname") == b"nullbox\n"
     shipped = cat(BUILT, "/etc/nullbox/nulld.toml").decode()
     assert shipped == (FILES / "etc/nullbox/nulld.toml").read_text()
-    assert config.parse(shipped, "image:/etc/nullbox/nulld.toml").order == ("ctxgraph",)
+    assert config.parse(shipped, "image:/etc/nullbox/nulld.toml").order == ("ctxgraph", "uplink")
 
 
 @needs_image

@@ -22,7 +22,7 @@ import os, socket, sys, time
 time.sleep(float(sys.argv[1]))
 with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
     s.connect(os.environ["NOTIFY_SOCKET"])
-    s.send(b"READY=1")
+    s.send(f"READY=1\\nSTATUS=up after {sys.argv[1]}".encode())
 time.sleep(100000)
 """
 
@@ -425,7 +425,8 @@ def test_notify_counts_only_the_services_own_processes(nulld: NulldProcess) -> N
         ready_timeout = 60
     """)
     nulld.start()
-    nulld.wait_state("wrapped", "ready")  # READY=1 from a child in the service's process group counts
+    wrapped = nulld.wait_state("wrapped", "ready")  # READY=1 from a child in the service's process group counts
+    assert wrapped["message"] == "up after 0.1"  # what it said with STATUS= stays in status
     nobody = nulld.wait_state("as_nobody", "ready")
     assert Path(f"/proc/{nobody['pid']}/status").read_text().count("\t65534\t") >= 1  # runs as nobody
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as outsider:
