@@ -34,6 +34,7 @@ image: deps
 bench: deps
 	$(BIN)/python -m bench.ctxgraph_bench
 	$(BIN)/python -m bench.nulld_bench
+	$(BIN)/python -m bench.image_bench
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

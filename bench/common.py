@@ -47,6 +47,18 @@ class Report:
                 lines.append("-" * len(lines[0]))
         return "\n".join(lines)
 
+    def show(self, title: str, info: list[str], closing: str) -> None:
+        """Print the whole report: title, machine info, the table, its notes, and a closing line."""
+        print(title)
+        for line in info:
+            print(f"  {line}")
+        print()
+        print(self.render())
+        print()
+        for note in self.notes:
+            print(f"  {note}")
+        print(f"  {closing}")
+
 
 def verdict(ok: bool) -> str:
     return "meets" if ok else "misses"

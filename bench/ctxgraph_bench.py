@@ -507,15 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         throughput_rows(report, settings, work)
         query_rows(report, settings, work)
     elapsed = (time.perf_counter_ns() - started) / 1e9
-    print("ctxgraph benchmark")
-    for line in info:
-        print(f"  {line}")
-    print()
-    print(report.render())
-    print()
-    for note in report.notes:
-        print(f"  {note}")
-    print(f"  total run time {elapsed:.0f} s")
+    report.show("ctxgraph benchmark", info, f"total run time {elapsed:.0f} s")
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import platform
 import re
@@ -45,6 +44,7 @@ from typing import Any, Final
 
 from bench.common import Report, log, verdict
 from bench.nulld_bench import Janitor, load_average, signals_unwind
+from image.kernel import sha256_file
 from nullbox.wire import Client, WireError
 from nulld.syscalls import set_child_subreaper
 from qemu.runner import Accel, Options, prepare, probe_kvm, qemu_argv
@@ -157,14 +157,6 @@ def mounts_under(path: Path) -> list[str]:
             if point == prefix or point.startswith(prefix + "/"):
                 found.append(point)
     return found
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -564,15 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     if leftovers:
         report.notes.append(f"{leftovers} orphaned processes were still alive at the end and were killed")
     elapsed = time.perf_counter() - started
-    print("image benchmark" + (" (--quick)" if settings.quick else ""))
-    for line in info:
-        print(f"  {line}")
-    print()
-    print(report.render())
-    print()
-    for note in report.notes:
-        print(f"  {note}")
-    print(f"  total run time {elapsed:.0f} s; load average {load_average()} at the end")
+    report.show(
+        "image benchmark" + (" (--quick)" if settings.quick else ""),
+        info,
+        f"total run time {elapsed:.0f} s; load average {load_average()} at the end",
+    )
     return 0
 
 

@@ -748,15 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     idle_rows(report, idle, bare, imports, settings.idle_s)
     readiness_rows(report, settings.services, baselines, nullds, idle)
     elapsed = time.perf_counter() - started
-    print("nulld benchmark")
-    for line in info:
-        print(f"  {line}")
-    print()
-    print(report.render())
-    print()
-    for note in report.notes:
-        print(f"  {note}")
-    print(f"  total run time {elapsed:.0f} s; load average {load_average()} at the end")
+    report.show("nulld benchmark", info, f"total run time {elapsed:.0f} s; load average {load_average()} at the end")
     return 0
 
 
