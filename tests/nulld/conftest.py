@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -74,6 +76,15 @@ class NulldProcess(DaemonProcess):
 
     def terminate(self, timeout: float = 30) -> int:
         return self.stop(timeout)
+
+
+def run_in_namespaces(namespaces: list[str], script: str, *args: str) -> Any:
+    """Run a Python snippet in fresh namespaces (e.g. ["--mount", "--propagation", "private"]); its JSON output."""
+    result = subprocess.run(
+        ["unshare", *namespaces, PYTHON, "-c", script, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.fixture

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from nulld.mount import TABLE, MountPoint, mounted, plan
+from tests.nulld.conftest import run_in_namespaces
+
+PRIVATE_MOUNTS = ["--mount", "--propagation", "private"]
 
 MOUNTINFO = (
     "22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
@@ -43,15 +43,7 @@ print(json.dumps({
 def test_mount_table_with_hardened_flags(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT, str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = run_in_namespaces(PRIVATE_MOUNTS, SCRIPT, str(root))
     assert report["again"] == []  # mounting twice mounts nothing the second time
     mounts = report["mounts"]
     expected = {
@@ -65,7 +57,7 @@ def test_mount_table_with_hardened_flags(tmp_path: Path) -> None:
         "/sys/fs/cgroup": ("cgroup2", {"nosuid", "nodev", "noexec"}),
     }
     for target, (fstype, flags) in expected.items():
-        assert target in mounts, (target, result.stderr)
+        assert target in mounts, (target, sorted(mounts))
         assert mounts[target][0] == fstype
         assert flags <= set(mounts[target][1].split(",")), (target, mounts[target])
     assert not (root / "proc" / "self").exists()  # the namespace's mounts never leaked to the host
@@ -90,14 +82,6 @@ print(json.dumps(left))
 def test_shutdown_unmounts_deepest_first_and_remounts_busy_ones_read_only(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", UNMOUNT_SCRIPT, str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    left = json.loads(result.stdout)
+    left = run_in_namespaces(PRIVATE_MOUNTS, UNMOUNT_SCRIPT, str(root))
     assert list(left) == ["/busy"]  # /a/b went before /a; both are gone
     assert left["/busy"].split(",")[0] == "ro"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from tests.nulld.conftest import run_in_namespaces
 
 SCRIPT = """
 import fcntl, json, socket, struct
@@ -23,13 +21,5 @@ print(json.dumps({"before": before, "after": lo_up(), "ok": ok, "hostname": sock
 
 
 def test_hostname_and_loopback_in_fresh_namespaces() -> None:
-    result = subprocess.run(
-        ["unshare", "--uts", "--net", sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = run_in_namespaces(["--uts", "--net"], SCRIPT)
     assert report == {"before": False, "after": True, "ok": True, "hostname": "nullbox-test", "connected": True}
