@@ -563,7 +563,9 @@ def bind_unix(path: Path, mode: int = 0o600, *, uid: int | None = None, gid: int
 
 @dataclass(frozen=True)
 class Address:
-    """Where an endpoint listens: ``unix:PATH`` or ``vsock:CID:PORT`` (a bare absolute path means unix)."""
+    """Where an endpoint listens: ``unix:PATH``, ``vsock:CID:PORT``, or ``serial:PATH`` (a bare absolute path
+    means unix).  ``serial:`` is the host side of a VM's virtio-serial port as QEMU exposes it: a unix stream
+    socket with a single peer, spoken to exactly like ``unix:``."""
 
     kind: str
     path: str = ""
@@ -575,19 +577,19 @@ class Address:
         if text.startswith("/"):
             return cls("unix", path=text)
         kind, _, rest = text.partition(":")
-        if kind == "unix" and rest:
-            return cls("unix", path=rest)
+        if kind in ("unix", "serial") and rest:
+            return cls(kind, path=rest)
         if kind == "vsock":
             cid, _, port = rest.partition(":")
             if cid.isdigit() and port.isdigit():
                 return cls("vsock", cid=int(cid), port=int(port))
-        raise ValueError(f"bad address {text!r}: expected unix:PATH or vsock:CID:PORT")
+        raise ValueError(f"bad address {text!r}: expected unix:PATH, serial:PATH or vsock:CID:PORT")
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"vsock:{self.cid}:{self.port}"
+        return f"{self.kind}:{self.path}" if self.path else f"vsock:{self.cid}:{self.port}"
 
     def connect(self, timeout: float | None = None) -> socket.socket:
-        if self.kind == "unix":
+        if self.kind in ("unix", "serial"):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = self.path
         else:
@@ -731,7 +733,7 @@ class AsyncClient:
     @classmethod
     async def connect(cls, address: Address | str) -> AsyncClient:
         addr = Address.parse(address) if isinstance(address, str) else address
-        if addr.kind == "unix":
+        if addr.kind in ("unix", "serial"):
             reader, writer = await asyncio.open_unix_connection(addr.path, limit=MAX_LINE + 2)
         else:
             sock = await asyncio.to_thread(addr.connect)

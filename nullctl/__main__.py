@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "--connect",
         default=DEFAULT_ADDRESS,
         metavar="ADDR",
-        help=f"unix:PATH or vsock:CID:PORT (default {DEFAULT_ADDRESS})",
+        help=f"unix:PATH, serial:PATH (a VM's control port) or vsock:CID:PORT (default {DEFAULT_ADDRESS})",
     )
     parser.add_argument("--json", action="store_true", help="print the API's JSON objects, one per line")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")

@@ -41,7 +41,7 @@ class Appliance:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def call(self, op: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
-        with Client(f"unix:{self.socket}", timeout=timeout) as client:
+        with Client(f"serial:{self.socket}", timeout=timeout) as client:  # the VM's control port
             return client.call(op, **params)
 
     def wait_for_nulld(self, deadline: float = BOOT_DEADLINE, newer_than: float | None = None) -> dict[str, Any]:

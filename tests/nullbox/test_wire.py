@@ -128,7 +128,9 @@ def test_address_parsing() -> None:
     assert Address.parse("/run/x.sock") == Address("unix", path="/run/x.sock")
     assert Address.parse("vsock:3:1024") == Address("vsock", cid=3, port=1024)
     assert str(Address.parse("vsock:3:1024")) == "vsock:3:1024"
-    for bad in ("tcp:1.2.3.4:5", "vsock:x:1", "unix:", "relative/path"):
+    assert Address.parse("serial:/build/run/ctl.sock") == Address("serial", path="/build/run/ctl.sock")
+    assert str(Address.parse("serial:/x.sock")) == "serial:/x.sock"
+    for bad in ("tcp:1.2.3.4:5", "vsock:x:1", "unix:", "serial:", "relative/path"):
         with pytest.raises(ValueError, match="bad address"):
             Address.parse(bad)
 
