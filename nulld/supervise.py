@@ -18,7 +18,6 @@ import struct
 import subprocess
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -418,9 +417,6 @@ class Supervisor:
 
     # --------------------------------------------------------------------------------------- operator verbs
 
-    def unit(self, name: str) -> Unit:
-        return self.units[name]
-
     async def stop(self, name: str) -> Unit:
         unit = self.units[name]
         unit.wanted = False
@@ -497,9 +493,6 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         return [u.to_json() for u in self.units.values()]
-
-    def pids(self) -> Iterable[int]:
-        return list(self._by_pid)
 
 
 def _resolve_user(user: str | int | None) -> tuple[int, int] | None:
