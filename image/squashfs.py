@@ -15,7 +15,7 @@ from typing import Final
 from image.context import Context
 
 INPUTS: Final[list[str]] = []  # build/rootfs, which the orchestrator covers through the rootfs step's digest
-COMPRESSION: Final = ("-comp", "zstd", "-Xcompression-level", "19", "-b", "1M")
+COMPRESSION: Final = ("-comp", "zstd", "-Xcompression-level", "19", "-b", "128K")
 
 
 def mksquashfs_argv(tree: Path, image: Path, epoch: int) -> list[str]:

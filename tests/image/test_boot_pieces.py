@@ -444,6 +444,37 @@ def test_init_refuses_an_image_whose_hash_differs(tmp_path: Path, busybox_path: 
     assert "FAILED (expected <none>," in _init_shell(busybox_path, f'nb_verify "{image}" "" 0').stdout
 
 
+def test_init_copies_exactly_the_image_into_a_read_only_ram_filesystem(tmp_path: Path, busybox_path: str) -> None:
+    # A padded "device": the image is the first 8192 bytes; the copy must stop there, land on a tmpfs that is then
+    # read-only, and be what nb_verify accepts.  A private mount namespace keeps the host's mount table untouched.
+    if BUSYBOX is None:
+        pytest.skip("busybox is not installed")
+    image = bytes(range(256)) * 32
+    source = tmp_path / "device"
+    source.write_bytes(image + b"padding past the image")
+    ram = tmp_path / "ram"
+    script = (
+        f'NB_RAM="{ram}"; nb_copy_to_ram "{source}" {len(image)} || exit 9; '
+        f'nb_verify "$NB_RAM/rootfs.squashfs" {hashlib.sha256(image).hexdigest()} {len(image)} && echo ACCEPTED; '
+        'grep " $NB_RAM " /proc/self/mounts; touch "$NB_RAM/x" 2>/dev/null || echo READ-ONLY; '
+        'wc -c <"$NB_RAM/rootfs.squashfs"'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", BUSYBOX, "sh", "-c", f'. "$1"; {script}', "sh", str(INIT)],
+        capture_output=True,
+        text=True,
+        env={"PATH": busybox_path},
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ACCEPTED"
+    mount = lines[1].split()
+    assert mount[:3] == ["tmpfs", str(ram), "tmpfs"] and "ro" in mount[3].split(",")
+    assert lines[2:] == ["READ-ONLY", str(len(image))]
+
+
 def test_init_fail_never_powers_off_unless_pid_1(busybox_path: str) -> None:
     done = _init_shell(busybox_path, 'nb_fail "something broke"; echo "returned $?"')
     assert done.stdout.splitlines() == ["NullBox: something broke", "returned 1"]
