@@ -446,9 +446,13 @@ def boot_rows(report: Report, boot: Boot) -> None:
     )
     report.add("(2d) QEMU start -> nulld answers status (host wall)", f"{boot.answered_wall_s:.2f}", "s")
     report.section("diagnostics for (2)")
-    mounts, control = boot.since_nulld("mounts_done"), boot.since_nulld("control_ready")
-    if mounts is not None and control is not None:
-        report.add("(2e) nulld entry point -> mounts_done / control_ready", f"{mounts:.2f} / {control:.2f}", "s")
+    imports, mounts, control = (boot.since_nulld(e) for e in ("imports_done", "mounts_done", "control_ready"))
+    if imports is not None and mounts is not None and control is not None:
+        report.add(
+            "(2e) nulld entry point -> imports / mounts / control ready",
+            f"{imports:.2f} / {mounts:.2f} / {control:.2f}",
+            "s",
+        )
     for name in boot.services:
         spawned, ready = boot.since_nulld("spawned", name), boot.since_nulld("ready", name)
         if spawned is not None and ready is not None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
 
-from ctxgraph import defaults
-from ctxgraph.demo import run_demo
-from ctxgraph.server import CtxGraphServer, ServerConfig
-from ctxgraph.store import StoreError
-from nullbox import log as nullbox_log
-from nullbox.wire import SocketInUse
+from nullbox import lean_imports
+
+lean_imports.without_ssl()  # unix sockets and vsock only; keeps the service's start-up (on the boot path) short
+
+import asyncio  # noqa: E402
+
+from ctxgraph import defaults  # noqa: E402
+from ctxgraph.server import CtxGraphServer, ServerConfig  # noqa: E402
+from ctxgraph.store import StoreError  # noqa: E402
+from nullbox import log as nullbox_log  # noqa: E402
+from nullbox.wire import SocketInUse  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        from ctxgraph.demo import run_demo  # noqa: PLC0415 (serving does not need the demo and its client)
+
         return run_demo()
     log = nullbox_log.setup("ctxgraph")
     os.umask(0o077)  # the database, its WAL and every socket are private to the service

@@ -7,9 +7,9 @@ import time
 
 STARTED = time.monotonic()  # before the heavy imports: boot timings count nulld's start-up too
 
-# nulld never speaks TLS, but asyncio imports ssl (and with it libssl and libcrypto, ~4 MiB resident) when it
-# can.  Blocking the import keeps PID 1 small; asyncio is written to run without ssl.
-sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+from nullbox import lean_imports  # noqa: E402
+
+lean_imports.without_ssl()  # PID 1 stays small: no libssl/libcrypto
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -21,6 +21,7 @@ from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, Options, run_forever
 
 
 def main(argv: list[str] | None = None) -> int:
+    imported = time.monotonic()
     parser = argparse.ArgumentParser(prog="nulld", description="NullBox's init and service supervisor.")
     parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH, help=f"default {config.DEFAULT_PATH}")
     parser.add_argument(
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         fallback=args.fallback,
         routes=routes,
         started=STARTED,
+        imported=imported,
     )
     return run_forever(options)
 

@@ -69,6 +69,7 @@ class Options:
     fallback: Path | None = None  # the built-in service set comes from here instead of the embedded one
     routes: Mapping[str, Path] = field(default_factory=lambda: dict(frontdoor.ROUTES))
     started: float | None = None  # monotonic time nulld's entry point began (default: now)
+    imported: float | None = None  # monotonic time its imports were done (boot timings show the split)
 
 
 class Nulld:
@@ -164,6 +165,8 @@ class Nulld:
         if self.options.pid1:
             sysinit.set_hostname(self.config.hostname)
         self.supervisor = Supervisor(self.config, self.options.runtime_dir, origin=origin)
+        if self.options.imported is not None:
+            self.supervisor.mark("imports_done", at=self.options.imported)
         self.supervisor.mark("mounts_done", at=mounts_done)
         self.supervisor.mark("control_ready", at=control_ready)
         self.supervisor.start_all()

@@ -8,20 +8,25 @@ address and default route; the lease's name servers go to /run/resolv.conf (the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 from typing import Final
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.dhcp.client import AsyncDHCPClient, ClientConfig
-from pyroute2.dhcp.fsm import State
-from pyroute2.dhcp.hooks import Trigger, add_default_gw, configure_ip, hook
-from pyroute2.dhcp.leases import Lease
+from nullbox import lean_imports
 
-from nullbox import log as nullbox_log
-from nullbox import notify
+lean_imports.pyroute2_submodules_only()  # (not without_ssl: pyroute2.netlink.rtnl.probe_msg imports ssl)
+
+import asyncio  # noqa: E402
+
+from pyroute2.dhcp.client import AsyncDHCPClient, ClientConfig  # noqa: E402
+from pyroute2.dhcp.fsm import State  # noqa: E402
+from pyroute2.dhcp.hooks import Trigger, add_default_gw, configure_ip, hook  # noqa: E402
+from pyroute2.dhcp.leases import Lease  # noqa: E402
+from pyroute2.iproute.linux import AsyncIPRoute  # noqa: E402
+
+from nullbox import log as nullbox_log  # noqa: E402
+from nullbox import notify  # noqa: E402
 
 log = logging.getLogger("uplink")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from nulld.uplink import pick_uplink, resolv_conf, write_atomically
@@ -33,3 +35,12 @@ def test_resolv_conf_from_a_lease(tmp_path: Path) -> None:
     write_atomically(target, resolv_conf([]))
     assert target.read_text().splitlines()[1:] == []
     assert sorted(p.name for p in target.parent.iterdir()) == ["resolv.conf"]
+
+
+def test_the_service_starts_in_a_fresh_interpreter() -> None:
+    # Imports as nulld runs it: the lean-import trims must leave every module the service needs importable.
+    done = subprocess.run(
+        [sys.executable, "-m", "nulld.uplink", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
