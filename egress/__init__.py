@@ -1,1 +1,1 @@
-"""egress: the default-deny network controller (issue 5; nothing here yet)."""
+"""egress: the default-deny network controller (nftables table ``inet nullbox``) and its per-agent DNS proxies."""

@@ -1,0 +1,125 @@
+"""The egress daemon's API socket: wire-protocol ops mapped onto the :class:`~egress.controller.Controller`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from egress import defaults
+from egress.controller import Controller
+from nullbox import notify
+from nullbox.wire import Connection, Params, Reply, Request, bind_unix, invalid, serve_connection
+
+log = logging.getLogger("egress")
+
+Op = Callable[[Request], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path = defaults.SOCKET
+
+
+class EgressServer:
+    def __init__(self, config: ServerConfig, controller: Controller) -> None:
+        self.config = config
+        self.controller = controller
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._ops: dict[str, Op] = {
+            "add_agent": self._add_agent,
+            "remove_agent": self._remove_agent,
+            "update_agent": self._update_agent,
+            "list": self._list,
+            "status": self._status,
+        }
+        if controller.config.test_hooks:
+            self._ops["test_fail_next"] = self._test_fail_next
+
+    async def start(self) -> None:
+        # The socket first: a second instance fails here, before it could replace the running one's table.
+        sock = bind_unix(self.config.socket, 0o600)
+        try:
+            await self.controller.start()
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            self.config.socket.unlink(missing_ok=True)
+            raise
+        log.info("serving %s", self.config.socket)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = set(self._connections)
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.controller.close()
+        self.config.socket.unlink(missing_ok=True)
+        log.info("stopped; table %s stays in force", defaults.TABLE)
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT; READY only once the base ruleset is in force."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        notify.ready()
+        await stop.wait()
+        log.info("signal received; shutting down")
+        await self.stop()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await serve_connection(reader, writer, self._handle, None)
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+
+    async def _handle(self, request: Request, conn: Connection[None]) -> Reply:
+        op = self._ops.get(request.op)
+        if op is None:
+            raise invalid(f"unknown op {request.op!r}; known: {', '.join(sorted(self._ops))}")
+        return await op(request)
+
+    # ------------------------------------------------------------------------------------------------- ops
+
+    async def _add_agent(self, request: Request) -> Reply:
+        params = Params(request, {"agent", "interface", "allow"})
+        allow = request.params.get("allow", [])
+        return await self.controller.add_agent(params.raw("agent"), params.raw("interface"), allow)
+
+    async def _remove_agent(self, request: Request) -> Reply:
+        params = Params(request, {"agent"})
+        return await self.controller.remove_agent(params.raw("agent"))
+
+    async def _update_agent(self, request: Request) -> Reply:
+        params = Params(request, {"agent", "allow"})
+        return await self.controller.update_agent(params.raw("agent"), params.raw("allow"))
+
+    async def _list(self, request: Request) -> Reply:
+        Params(request, set())
+        return self.controller.list_agents()
+
+    async def _status(self, request: Request) -> Reply:
+        Params(request, {"agent"})
+        return await self.controller.status(request.params.get("agent"))
+
+    async def _test_fail_next(self, request: Request) -> Reply:
+        Params(request, set())
+        return await self.controller.fail_next()
