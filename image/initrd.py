@@ -67,12 +67,16 @@ LATE_MODULES: Final[tuple[tuple[str, bool], ...]] = (
     ("virtio_console", True),
     ("virtio_rng", False),
     ("vmw_vsock_virtio_transport", False),
-    # egress (nftables table inet nullbox) and cage (TAPs, KVM for the agents' VMs)
+    # egress (nftables table inet nullbox: conntrack state, masquerade, named counters, rate-limited drop logging;
+    # nothing can load a module on demand after switch_root) and cage (TAPs, KVM for the agents' VMs)
     ("nf_tables", True),
-    ("nft_ct", False),
-    ("nft_reject_inet", False),
-    ("nft_chain_nat", False),
-    ("nft_masq", False),
+    ("nft_ct", True),
+    ("nft_chain_nat", True),
+    ("nft_masq", True),
+    ("nft_objref", True),
+    ("nft_limit", True),
+    ("nft_log", True),
+    ("nf_log_syslog", True),
     ("tun", True),
     ("kvm_intel", False),
     ("kvm_amd", False),

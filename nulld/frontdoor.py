@@ -16,6 +16,7 @@ from nullbox.wire import AsyncClient, ErrorCode, RawObject, Reply, Request, Stre
 
 ROUTES: Final = {
     "ctx": Path("/run/nullbox/ctxgraph.sock"),
+    "egress": Path("/run/nullbox/egress.sock"),
 }
 STREAMING: Final = frozenset({"ctx.watch"})
 
