@@ -33,6 +33,7 @@ image: deps
 
 bench: deps
 	$(BIN)/python -m bench.ctxgraph_bench
+	$(BIN)/python -m bench.egress_bench
 	$(BIN)/python -m bench.nulld_bench
 	$(BIN)/python -m bench.image_bench
 

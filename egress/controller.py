@@ -40,6 +40,12 @@ log = logging.getLogger("egress")
 STATE_VERSION: Final = 1
 IFF_LOOPBACK: Final = 0x8
 MAX_QNAME_SHOWN: Final = 255
+#: Expired grants are forgotten at most this often on the admission path (their elements are gone from the kernel
+#: already; a stale grant only costs memory until then and is never trusted: expiries are always compared to now).
+PRUNE_INTERVAL_S: Final = 10.0
+#: Batches up to this many commands (one DNS answer's admission) run on the event loop: a thread hop costs more
+#: than the transaction itself.
+INLINE_COMMANDS: Final = 16
 
 Element = tuple[IPv4Address, int]
 
@@ -102,6 +108,7 @@ class Agent:
     #: element -> {allowed name -> monotonic expiry}: why each element is in the set, and until when.
     grants: dict[Element, dict[str, float]] = field(default_factory=dict)
     denied_names: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=defaults.DENIED_NAMES))
+    pruned_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -110,8 +117,14 @@ class Agent:
     def record(self) -> dict[str, Any]:
         return {"agent": self.name, "interface": self.net.interface, "allow": self.allow.texts()}
 
+    def prune_soon(self, now: float) -> None:
+        """:meth:`prune` at most once per PRUNE_INTERVAL_S: the DNS fast path must not walk every grant each time."""
+        if now - self.pruned_at >= PRUNE_INTERVAL_S:
+            self.prune(now)
+
     def prune(self, now: float) -> None:
         """Forget grants that have expired (the kernel has dropped their elements on its own)."""
+        self.pruned_at = now
         for element in list(self.grants):
             names = {n: t for n, t in self.grants[element].items() if t > now}
             if names:
@@ -378,7 +391,7 @@ class Controller:
         async with self._lock:
             entry = self._get(agent)
             now = time.monotonic()
-            entry.prune(now)
+            entry.prune_soon(now)
             requested: dict[Element, dict[str, int]] = {}
             for adm in admissions:
                 if not isinstance(adm.address, IPv4Address):
@@ -449,7 +462,10 @@ class Controller:
         if not commands:
             return
         try:
-            await asyncio.to_thread(self.nft.apply, commands)
+            if len(commands) <= INLINE_COMMANDS:
+                self.nft.apply(commands)
+            else:
+                await asyncio.to_thread(self.nft.apply, commands)
         except NftError as exc:
             log.error("nftables refused a transaction of %d commands: %s", len(commands), exc)
             raise WireError(
