@@ -45,9 +45,10 @@ from typing import Any, Final
 from bench.common import Report, log, verdict
 from bench.nulld_bench import Janitor, load_average, signals_unwind
 from image.kernel import sha256_file
+from nullbox.kvm import Accel, probe_kvm
 from nullbox.wire import Client, WireError
 from nulld.syscalls import set_child_subreaper
-from qemu.runner import Accel, Options, prepare, probe_kvm, qemu_argv
+from qemu.runner import Options, prepare, qemu_argv
 
 REPO: Final = Path(__file__).resolve().parents[1]
 PYTHON: Final = sys.executable

@@ -17,13 +17,15 @@ import pytest
 
 from image import initrd
 from image.initrd import Inputs, ModuleTree
+from nullbox import kvm
+from nullbox.kvm import Accel
 from qemu import runner
-from qemu.runner import Accel, Options
+from qemu.runner import Options
 
 REPO = Path(__file__).resolve().parent.parent.parent
 INIT = REPO / "image" / "initramfs" / "init"
 BUSYBOX = shutil.which("busybox")
-QEMU = shutil.which(runner.QEMU)
+QEMU = shutil.which(kvm.QEMU)
 EPOCH = 1767225600
 TCG = Accel("tcg", ("test",))
 
@@ -39,7 +41,7 @@ def _probe(tmp_path: Path, flags: str, modules: list[str], *, device: bool = Tru
     for name in modules:
         (tmp_path / "module" / name).mkdir(parents=True)
     (tmp_path / "module").mkdir(exist_ok=True)
-    return runner.probe_kvm(device=dev, cpuinfo=tmp_path / "cpuinfo", modules=tmp_path / "module", run_guest=False)
+    return kvm.probe_kvm(device=dev, cpuinfo=tmp_path / "cpuinfo", modules=tmp_path / "module", run_guest=False)
 
 
 def test_probe_wants_a_kvm_device(tmp_path: Path) -> None:
@@ -73,7 +75,7 @@ def test_probe_says_tcg_on_this_host() -> None:
     }
     if flags & {"vmx", "svm"} and not Path("/sys/module/kvm_pvm").exists():
         pytest.skip("this host has hardware virtualisation")
-    accel = runner.probe_kvm(run_guest=False)
+    accel = kvm.probe_kvm(run_guest=False)
     assert accel.name == "tcg"
     assert accel.explain().startswith("accelerator TCG: ")
     assert len(accel.reasons) >= 1
@@ -82,7 +84,7 @@ def test_probe_says_tcg_on_this_host() -> None:
 @pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 def test_tiny_probe_guest_runs_under_tcg() -> None:
     """The guest the probe runs under -accel kvm really reaches its exit port (shown here under TCG)."""
-    ok, why = runner.tiny_guest_runs("tcg", timeout=30)
+    ok, why = kvm.tiny_guest_runs("tcg", timeout=30)
     assert ok, why
 
 
