@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from nullbox.kvm import QEMU, probe_kvm
+
 SONAME: Final = "libkrun.so.1"
 FEATURE_NET: Final = 0
 FEATURE_BLK: Final = 1
@@ -225,11 +227,7 @@ class Libkrun:
 
 
 def kvm_runs_guests() -> tuple[bool, str]:
-    """KVM that runs ordinary guests, decided by qemu.runner's probe (the host's /dev/kvm alone proves nothing)."""
-    try:
-        from qemu.runner import QEMU, probe_kvm  # noqa: PLC0415  # not installed on the appliance image
-    except ImportError:
-        return False, "the KVM probe (qemu.runner) is not installed here, so KVM cannot be confirmed"
+    """KVM that runs ordinary guests, decided by nullbox.kvm's probe (the host's /dev/kvm alone proves nothing)."""
     accel = probe_kvm(run_guest=shutil.which(QEMU) is not None)
     detail = "; ".join(accel.reasons)
     if accel.name != "kvm":

@@ -1,0 +1,385 @@
+"""cage.qemu: the microvm command line, the config disk, the guest initramfs, and real boots under TCG."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from cage import guestimage, qemu
+from cage.qemu import GuestNet, QemuVM, Vm
+from ctxgraph.process import ServerProcess
+from image.initrd import ModuleTree
+from nullbox import kvm
+from nullbox.kvm import Accel
+from tests.cage.agent_rootfs import AGENT_PATH, agent_env, build_agent_rootfs
+
+REPO = Path(__file__).resolve().parent.parent.parent
+TCG = Accel("tcg", ("test",))
+KVM = Accel("kvm", ("test",))
+SECRET = 'tok-3f9a\'$(reboot) "x"\nline2'
+
+
+def spec(tmp: Path, **changes: object) -> QemuVM:
+    base = QemuVM(
+        agent="alpha",
+        kernel=tmp / "vmlinuz",
+        initramfs=tmp / "initrd.img",
+        rootfs=tmp / "root.sqfs",
+        config_disk=tmp / "config.img",
+        console_log=tmp / "console.log",
+        qmp_socket=tmp / "qmp.sock",
+        ctxgraph_socket=tmp / "agents" / "alpha.sock",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+# ------------------------------------------------------------------------------------------------------- argv
+
+
+def test_argv_is_a_microvm_with_read_only_disks(tmp_path: Path) -> None:
+    argv = qemu.qemu_argv(spec(tmp_path), TCG, vsock_available=False)
+    assert argv[0] == "qemu-system-x86_64"
+    assert all(isinstance(a, str) for a in argv)
+    assert option(argv, "-M")[0].startswith("microvm,")
+    assert "x-option-roms=off" in option(argv, "-M")[0]
+    assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
+    drives = option(argv, "-drive")
+    assert len(drives) == 2
+    assert all("readonly=on" in d and "format=raw" in d for d in drives)
+    assert f"file={tmp_path / 'root.sqfs'}," in drives[0]
+    devices = option(argv, "-device")
+    assert "virtio-blk-device,drive=root,serial=nullbox-root" in devices
+    assert "virtio-blk-device,drive=config,serial=nullbox-config" in devices
+    assert not any("-pci" in d for d in devices)  # microvm: virtio-mmio only
+    assert option(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
+    assert option(argv, "-initrd") == [str(tmp_path / "initrd.img")]
+    assert f"file,id=console,path={tmp_path / 'console.log'}" in option(argv, "-chardev")
+
+
+def test_accelerator_in_argv(tmp_path: Path) -> None:
+    tcg = qemu.qemu_argv(spec(tmp_path, cpus=2), TCG)
+    assert option(tcg, "-accel") == ["tcg,thread=multi"]
+    assert option(tcg, "-cpu") == ["max"]
+    assert option(tcg, "-smp") == ["2"]
+    kvm = qemu.qemu_argv(spec(tmp_path), KVM)
+    assert option(kvm, "-accel") == ["kvm"]
+    assert "tsc_early_khz=" not in option(kvm, "-append")[0]
+    khz = qemu.host_tsc_khz()
+    if khz is not None:  # TCG: the guest is told the (host's) TSC frequency instead of calibrating it
+        assert f"tsc_early_khz={khz}" in option(tcg, "-append")[0].split()
+
+
+def test_host_tsc_khz(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2596.118\n\nprocessor\t: 1\ncpu MHz\t\t: 1.0\n"
+    )
+    assert qemu.host_tsc_khz.__wrapped__(cpuinfo) == 2596118
+    cpuinfo.write_text("processor\t: 0\n")
+    assert qemu.host_tsc_khz.__wrapped__(cpuinfo) is None
+    assert qemu.host_tsc_khz.__wrapped__(tmp_path / "missing") is None
+
+
+def test_this_host_gets_tcg() -> None:
+    """A PVM /dev/kvm (kvm_pvm without kvm_intel/kvm_amd) hangs a stock kernel: the probe must say TCG."""
+    modules = {m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if Path("/sys/module", m).exists()}
+    if modules != {"kvm_pvm"} and Path("/dev/kvm").exists():
+        pytest.skip(f"this host's KVM ({', '.join(sorted(modules)) or 'no module'}) may really work")
+    accel = qemu.detect_accel()
+    assert accel.name == "tcg", accel.explain()
+    assert option(qemu.qemu_argv(spec(Path("/x")), accel), "-accel") == ["tcg"]
+
+
+def test_no_secrets_in_argv_or_kernel_command_line(tmp_path: Path) -> None:
+    vm = spec(tmp_path)
+    qemu.write_config_disk(vm.config_disk, ["/bin/agent", "--serve"], {"OPENAI_API_KEY": SECRET, "TOKEN": "hunter2"})
+    argv = qemu.qemu_argv(vm, TCG)
+    for secret in (SECRET, "hunter2", "OPENAI_API_KEY", "tok-3f9a"):
+        assert not any(secret in a for a in argv)
+    cmdline = option(argv, "-append")[0]
+    assert "nullbox.agent=alpha" in cmdline.split()
+    assert "console=ttyS0" in cmdline.split()
+    assert cmdline == qemu.kernel_cmdline(vm, "serial", qemu.host_tsc_khz())
+
+
+def test_virtio_serial_without_vhost_vsock(tmp_path: Path) -> None:
+    vm = spec(tmp_path, vsock_cid=7)
+    argv = qemu.qemu_argv(vm, TCG, vsock_available=False)
+    sock = tmp_path / "agents" / "alpha.sock"
+    ctx = [c for c in option(argv, "-chardev") if c.startswith("socket,id=ctx,")]
+    assert ctx == [f"socket,id=ctx,path={sock},reconnect=1"]  # a client: no server=on
+    assert "virtserialport,chardev=ctx,name=org.nullbox.ctxgraph" in option(argv, "-device")
+    assert not any("vsock" in d for d in option(argv, "-device"))
+    assert "nullbox.ctx=serial" in option(argv, "-append")[0].split()
+
+
+def test_vhost_vsock_when_the_host_has_it(tmp_path: Path) -> None:
+    argv = qemu.qemu_argv(spec(tmp_path, vsock_cid=7), TCG, vsock_available=True)
+    assert "vhost-vsock-device,guest-cid=7" in option(argv, "-device")
+    assert not any("virtserialport" in d for d in option(argv, "-device"))
+    assert not any(c.startswith("socket,id=ctx") for c in option(argv, "-chardev"))
+    assert "nullbox.ctx=vsock" in option(argv, "-append")[0].split()
+    # without a CID the spec cannot use vsock, without a socket there is no channel at all
+    assert qemu.ctx_channel(spec(tmp_path), vsock_available=True) == "serial"
+    assert qemu.ctx_channel(spec(tmp_path, ctxgraph_socket=None), vsock_available=False) == "none"
+
+
+def test_tap_network(tmp_path: Path) -> None:
+    net = GuestNet("nb-1a2b3c", IPv4Interface("10.77.0.2/30"), IPv4Address("10.77.0.1"), "52:54:00:12:34:56")
+    argv = qemu.qemu_argv(spec(tmp_path, net=replace(net, dns=IPv4Address("10.77.0.1"))), TCG)
+    assert option(argv, "-netdev") == ["tap,id=net0,ifname=nb-1a2b3c,script=no,downscript=no"]
+    assert "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56" in option(argv, "-device")
+    words = option(argv, "-append")[0].split()
+    assert "nullbox.net=10.77.0.2/30,10.77.0.1" in words
+    assert "nullbox.dns=10.77.0.1" in words
+    with pytest.raises(ValueError, match="gateway"):
+        GuestNet("nb-x", IPv4Interface("10.77.0.2/30"), IPv4Address("10.78.0.1"), "52:54:00:12:34:56")
+    with pytest.raises(ValueError, match="TAP"):
+        GuestNet("tap,script=/bin/evil", IPv4Interface("10.77.0.2/30"), IPv4Address("10.77.0.1"), "52:54:00:00:00:01")
+
+
+def test_spec_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="agent name"):
+        spec(tmp_path, agent="a b")
+    with pytest.raises(ValueError, match="kernel argument"):
+        spec(tmp_path, append=("loglevel=7 init=/bin/sh",))
+    commas = qemu.qemu_argv(spec(tmp_path, rootfs=tmp_path / "a,b.img"), TCG)
+    assert f"file={tmp_path}/a,,b.img,format=raw,if=none,id=root,readonly=on" in option(commas, "-drive")
+
+
+# ------------------------------------------------------------------------------------------------ config disk
+
+
+def test_config_disk_round_trips_through_sh(tmp_path: Path) -> None:
+    """What the guest's init does with the disk (strip NULs, source it) gives back the exact values."""
+    env = {"SECRET": SECRET, "EMPTY": "", "UNI": "żółw \\ $HOME `id`"}
+    disk = qemu.write_config_disk(tmp_path / "config.img", ["/bin/agent", "two words", "it's"], env, "/work dir")
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o600
+    data = disk.read_bytes()
+    assert len(data) % qemu.SECTOR == 0 and len(data) >= qemu.MIN_CONFIG_BYTES
+    script = (
+        'tr -d \'\\000\' <"$1" >"$1.sh" && . "$1.sh" && '
+        'printf "%s\\0" "$SECRET" "$EMPTY" "$UNI" "$NB_WORKDIR" "$#" "$@"'
+    )
+    out = subprocess.run(
+        ["busybox", "sh", "-c", script, "sh", str(disk)], check=True, capture_output=True, env={}
+    ).stdout.decode()
+    assert out.split("\0")[:-1] == [SECRET, "", env["UNI"], "/work dir", "3", "/bin/agent", "two words", "it's"]
+
+
+def test_config_disk_refuses_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "config.img"
+    for command, env, workdir in (
+        ([], {}, "/"),
+        (["/a"], {"BAD NAME": "x"}, "/"),
+        (["/a"], {"NB_WORKDIR": "x"}, "/"),  # would override the guest init's own variables
+        (["/a"], {"X": "nul\0"}, "/"),
+        (["/a"], {}, "relative"),
+    ):
+        with pytest.raises(ValueError):
+            qemu.write_config_disk(path, command, env, workdir)
+    assert not path.exists()
+    path.symlink_to(tmp_path / "elsewhere")
+    qemu.write_config_disk(path, ["/a"], {})
+    assert not path.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+def test_failed_start_still_removes_the_config_disk(tmp_path: Path) -> None:
+    vm = spec(tmp_path, qemu="false")  # exits at once with status 1, QMP never answers
+    qemu.write_config_disk(vm.config_disk, ["/a"], {"TOKEN": "hunter2"})
+    with Vm(vm) as running, pytest.raises(RuntimeError, match="exited with status 1"):
+        running.start(TCG)
+    assert not vm.config_disk.exists()
+
+
+def test_parse_console() -> None:
+    log = b"[ 1.0] x\r\nNULLBOX-AGENT-START 1.8s\r\nNULLBOX-AGENT-EXIT 42\r\n[ 2.0] reboot: Power down\r\n"
+    assert qemu.parse_console(log) == (42, None)
+    assert qemu.parse_console(b"NULLBOX-GUEST-FAIL no root disk (virtio serial nullbox-root)\n") == (
+        None,
+        "no root disk (virtio serial nullbox-root)",
+    )
+    assert qemu.parse_console(b"agent: NULLBOX-AGENT-EXIT 0\n") == (None, None)  # only whole lines count
+
+
+# -------------------------------------------------------------------------------------------- guest initramfs
+
+
+def test_guest_init_is_valid_sh() -> None:
+    subprocess.run(["busybox", "sh", "-n", str(guestimage.GUEST_DIR / "init")], check=True)
+
+
+# --------------------------------------------------------------------------------------------------- real boots
+
+
+@pytest.fixture(scope="module")
+def kernel() -> guestimage.GuestKernel:
+    """The appliance's kernel (image.build's kernel step: cached after the first run)."""
+    if shutil.which(kvm.QEMU) is None:
+        pytest.skip(f"{kvm.QEMU} is not installed")
+    subprocess.run([sys.executable, "-m", "image.build", "kernel"], cwd=REPO, check=True, timeout=1800)
+    return guestimage.GuestKernel.from_build()
+
+
+@pytest.fixture(scope="module")
+def initramfs(kernel: guestimage.GuestKernel) -> Path:
+    return guestimage.build_initramfs()
+
+
+def test_initramfs_loads_modules_after_their_dependencies(kernel: guestimage.GuestKernel, initramfs: Path) -> None:
+    tree = ModuleTree.scan(kernel.modules)
+    entries = guestimage.initramfs_entries(b"#!/bin/sh\n", b"", ["bin/sh", "sbin/insmod"], kernel.version, tree)
+    by_path = {e.path: e for e in entries}
+    assert stat.S_IMODE(by_path["init"].mode) == 0o755
+    assert by_path["bin/sh"].data == b"/bin/busybox"
+    moddir = f"lib/modules/{kernel.version}"
+    listed: list[str] = []
+    for name in guestimage.MODULE_LISTS:
+        lines = [line.split() for line in by_path[f"{moddir}/{name}"].data.decode().splitlines()]
+        assert lines and all(kind in ("need", "want") and f"{moddir}/{path}" in by_path for kind, path in lines)
+        listed += [Path(path).name for _, path in lines]
+    assert len(listed) == len(set(listed))  # each module in one list only
+    assert listed.index("virtio.ko") < listed.index("virtio_mmio.ko") < listed.index("virtio_blk.ko")
+    assert listed.index("jbd2.ko") < listed.index("ext4.ko")
+    assert guestimage.build_initramfs() == initramfs  # cached by content
+
+
+def test_boot_kernel_is_the_uncompressed_pvh_vmlinux(kernel: guestimage.GuestKernel) -> None:
+    if "\nCONFIG_PVH=y" not in "\n" + kernel.config:
+        pytest.skip("this kernel has no PVH entry point")
+    vmlinux = guestimage.boot_kernel()
+    assert vmlinux.parent.name == guestimage.CACHE_DIR
+    assert guestimage.has_pvh_entry(vmlinux.read_bytes())
+    assert not guestimage.has_pvh_entry(kernel.vmlinuz.read_bytes()[:4096])  # the bzImage is not an ELF
+    assert guestimage.boot_kernel() == vmlinux
+
+
+@pytest.fixture(scope="module")
+def agent_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("agent")
+    return guestimage.pack_rootfs(build_agent_rootfs(tmp / "root"), tmp / "root.sqfs")
+
+
+@pytest.fixture(scope="module")
+def boot_files(kernel: guestimage.GuestKernel, initramfs: Path, agent_image: Path) -> tuple[Path, Path, Path]:
+    """(kernel to boot, guest initramfs, agent root image)."""
+    return guestimage.boot_kernel(), initramfs, agent_image
+
+
+@pytest.fixture
+def tap() -> Iterator[GuestNet]:
+    """A host TAP for the guest on a random /30 in 10.213.0.0/16 (the host netns is shared with whatever else runs
+    here, so neither the name nor the subnet may be fixed); the host has the first address.  Removed afterwards."""
+    name = f"nbq{uuid.uuid4().hex[:8]}"
+    used = subprocess.run(["ip", "-4", "route", "show"], check=True, capture_output=True, text=True).stdout
+    link = next(
+        n
+        for n in (IPv4Network(f"10.213.{random.randrange(256)}.{4 * random.randrange(64)}/30") for _ in range(100))
+        if f"{n} " not in used
+    )
+    host, guest = list(link.hosts())
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{host}/30", "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        yield GuestNet(name, IPv4Interface(f"{guest}/30"), host, "52:54:00:d5:4d:02")
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def boot(vm: QemuVM, timeout: float = 45.0) -> tuple[qemu.Outcome, int]:
+    """Boot ``vm`` to completion; returns how it ended and the host wall clock (ns) when QEMU was started."""
+    started_ns = time.time_ns()
+    with Vm(vm) as running:
+        running.start()
+        assert not vm.config_disk.exists(), "the config disk must be gone from the host once QEMU has opened it"
+        outcome = running.wait(timeout)
+    print(f"--- console of {vm.agent}:\n{outcome.console}", file=sys.stderr)
+    return outcome, started_ns
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the TAP needs root")
+def test_agent_vm_boots_and_writes_to_ctxgraph(
+    tmp_path: Path,
+    server: ServerProcess,
+    boot_files: tuple[Path, Path, Path],
+    tap: GuestNet,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    admin = server.client()
+    alpha_sock = Path(admin.register_agent("alpha")["socket"])
+    beta_sock = Path(admin.register_agent("beta")["socket"])
+    secret = "granted-" + uuid.uuid4().hex
+    net = tap
+    vmlinuz, initramfs, agent_image = boot_files
+
+    vm = QemuVM(
+        agent="alpha",
+        kernel=vmlinuz,
+        initramfs=initramfs,
+        rootfs=agent_image,
+        config_disk=qemu.write_config_disk(
+            tmp_path / "alpha.cfg",
+            [AGENT_PATH],
+            agent_env("e2e/agent", "AGENT_SECRET", secret, ping=str(net.gateway)),
+            "/work",
+        ),
+        console_log=tmp_path / "alpha.console",
+        qmp_socket=tmp_path / "alpha.qmp",
+        ctxgraph_socket=alpha_sock,
+        net=net,
+    )
+    argv = qemu.qemu_argv(vm, qemu.detect_accel())
+    assert not any(secret in a for a in argv)
+    outcome, started_ns = boot(vm)
+
+    assert outcome.qemu_status == 0, f"QEMU: {(tmp_path / 'alpha.console.qemu').read_text()}"
+    assert "reboot: Power down" in outcome.console  # the guest powered off (no reboot, no panic)
+    assert outcome.guest_failure is None
+    assert outcome.agent_status == 0
+    assert "NULLBOX-AGENT-EXIT 0" in outcome.console
+    assert f"the gateway {net.gateway} answers" in outcome.console
+    assert "agent: in /work as alpha" in outcome.console
+    assert secret not in outcome.console  # the agent never printed it; nothing else did either
+
+    entries = admin.by_agent("alpha")["entries"]
+    assert [(e["agent"], e["key"], e["value"]) for e in entries] == [("alpha", "e2e/agent", secret)]
+    boot_to_write = (entries[0]["created_ns"] - started_ns) / 1e9
+    with capsys.disabled():  # shown in the normal test output, not only with -s
+        print(f"\nboot-to-first-write (host wall, QEMU start -> ctxgraph commit): {boot_to_write:.2f}s ", end="")
+
+    # A second agent, booted the same way on its own socket, cannot write as the first.
+    beta = replace(
+        vm,
+        agent="beta",
+        config_disk=qemu.write_config_disk(
+            tmp_path / "beta.cfg", [AGENT_PATH], agent_env("e2e/beta", "AGENT_SECRET", "x", write_as="alpha")
+        ),
+        console_log=tmp_path / "beta.console",
+        qmp_socket=tmp_path / "beta.qmp",
+        ctxgraph_socket=beta_sock,
+        net=None,
+    )
+    outcome, _ = boot(beta)
+    assert outcome.qemu_status == 0
+    assert outcome.agent_status == 5  # the agent's "ctxgraph refused" status
+    assert '"code":"forbidden"' in outcome.console
+    assert "cannot write as 'alpha'" in outcome.console
+    assert admin.by_agent("beta")["entries"] == []
+    assert [e["key"] for e in admin.by_agent("alpha")["entries"]] == ["e2e/agent"]
