@@ -108,9 +108,11 @@ def test_squashfs_step_writes_the_image_and_its_checksum(tmp_path: Path) -> None
 def test_shipped_nulld_toml_is_valid() -> None:
     loaded = config.load(FILES / "etc/nullbox/nulld.toml")
     assert loaded.hostname == "nullbox"
-    assert loaded.order == ("ctxgraph", "uplink")
+    assert loaded.order == ("egress", "uplink", "ctxgraph")
     service = loaded.services["ctxgraph"]
     assert service.argv == ["/usr/bin/python3", "-m", "ctxgraph", "serve"]
+    assert service.depends_on == ("egress",)  # the network policy is in force before anything agent-facing
+    assert loaded.services["egress"].argv == ["/usr/bin/python3", "-m", "egress", "serve"]
     assert service.restart is config.Restart.ALWAYS
     assert service.ready is config.ReadyKind.NOTIFY
 
@@ -278,7 +280,7 @@ def test_image_etc(built: dict[str, Entry]) -> None:
     assert cat(BUILT, "/etc/hostname") == b"nullbox\n"
     shipped = cat(BUILT, "/etc/nullbox/nulld.toml").decode()
     assert shipped == (FILES / "etc/nullbox/nulld.toml").read_text()
-    assert config.parse(shipped, "image:/etc/nullbox/nulld.toml").order == ("ctxgraph", "uplink")
+    assert config.parse(shipped, "image:/etc/nullbox/nulld.toml").order == ("egress", "uplink", "ctxgraph")
 
 
 @needs_image
