@@ -1,19 +1,21 @@
 """Build step rootfs: the appliance's root tree, build/rootfs/.
 
-1. mkosi 14 (image/mkosi.conf) bootstraps Debian bookworm with python3 and python3-nftables into a directory;
+1. mkosi 14 (image/mkosi.conf) bootstraps Debian bookworm with python3, python3-nftables and python3-cryptography
+   into a directory;
    image/mkosi.prepare upgrades it from bookworm-updates and bookworm-security.  mkosi runs in a private mount
    namespace with a tmpfs on /run and --nspawn-keep-unit, so that its systemd-nspawn asks no system bus for a
    unit (there is none on a build host or container without systemd), and any mount it leaves dies with the
    namespace.  mkosi's package cache and its incremental copy of the installed tree live in build/cache/mkosi/;
    the copy is dropped when the mkosi files or mkosi's version change.  It is not refreshed otherwise: delete
    build/cache/mkosi/ to pick up new Debian updates.
-2. Trim: keep the files of the packages that python3, python3-nftables, ca-certificates, tzdata and base-files
-   need at run time, and drop every other package's files (shells, apt, dpkg, perl, login, util-linux, coreutils,
-   ...), using dpkg's own file lists.  Then /etc, /usr/bin and /usr/sbin are cut down to allowlists, and docs,
-   locales, Python test suites, package state and all of /var go.
-3. Install the project's packages and their runtime dependencies (the versions installed in .venv) into
-   /usr/lib/python3/dist-packages, copy image/rootfs-files/ over the tree (/sbin/init, /etc/nullbox/nulld.toml,
-   ...), and compile every module with the tree's own python3, hash-based and unchecked (the root is read-only).
+2. Trim: keep the files of the packages that KEEP_PACKAGES need at run time, and drop every other package's files
+   (shells, apt, dpkg, perl, login, util-linux, coreutils, ...), using dpkg's own file lists.  Then /etc, /usr/bin
+   and /usr/sbin are cut down to allowlists, and docs, locales, Python test suites, package state and all of /var go.
+3. Install the project's packages and their runtime dependencies (the versions installed in .venv; a dependency the
+   dev environment takes from a Debian package, like cryptography, comes from the same Debian package in the image,
+   its version checked to match) into /usr/lib/python3/dist-packages, copy image/rootfs-files/ over the tree
+   (/sbin/init, /etc/nullbox/nulld.toml, ...), and compile every module with the tree's own python3, hash-based
+   and unchecked (the root is read-only).
 4. Check: nothing forbidden is left (see `forbidden`), and the tree's python3 imports what the services need.
 """
 
@@ -57,12 +59,22 @@ def project_packages(repo: Path = REPO) -> list[str]:
 INPUTS: Final[list[str]] = [*MKOSI_FILES, ROOTFS_FILES, "pyproject.toml", *project_packages()]
 
 # What the appliance runs: these packages and everything they need at run time stay, all other packages go.
-KEEP_PACKAGES: Final = ("python3", "python3-nftables", "ca-certificates", "tzdata", "base-files")
+KEEP_PACKAGES: Final = (
+    "python3",
+    "python3-nftables",
+    "python3-cryptography",
+    "ca-certificates",
+    "tzdata",
+    "base-files",
+)
 # Dependencies that only maintainer scripts use (installing, configuring): not followed.
 INSTALL_TIME_ONLY: Final = frozenset(
     {"dpkg", "debconf", "debconf-2.0", "perl-base", "init-system-helpers", "adduser", "awk", "mawk", "ucf"}
 )
 # Files of dropped packages that are still wanted (libc-bin: the loader's configuration, the C.UTF-8 locale).
+#: Runtime dependencies taken from Debian packages, in the dev environment (system site-packages) and in the image:
+#: distribution name -> Debian package (kept in the tree by KEEP_PACKAGES).
+DEBIAN_PROVIDED: Final = {"cryptography": "python3-cryptography"}
 KEEP_FROM_DROPPED: Final = ("/etc/ld.so.conf", "/etc/ld.so.conf.d/libc.conf", "/usr/lib/locale/C.utf8")
 MERGED_USR: Final = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 
@@ -199,8 +211,11 @@ PYTHON_DIRS: Final = ("usr/lib/python3.11", "usr/lib/python3/dist-packages")
 SMOKE_TEST: Final = """
 import asyncio, ctypes, json, sqlite3, ssl, zoneinfo
 import nftables, rfc8785
-import nulld.__main__, nulld.config, ctxgraph.server
+import nulld.__main__, nulld.config, ctxgraph.server, egress.controller, egress.dnsproxy, nulld.uplink
+import cage.manifest, cage.agents
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 nftables.Nftables()
+AESGCM(AESGCM.generate_key(bit_length=256)).encrypt(b"0" * 12, b"sealed", b"name")
 assert ssl.create_default_context().cert_store_stats()["x509_ca"] > 0, "no CA certificates"
 zoneinfo.ZoneInfo("Europe/Berlin")
 nulld.config.load(nulld.config.DEFAULT_PATH)
@@ -502,6 +517,9 @@ def install_dependencies(ctx: Context, target: Path) -> None:
             for d in importlib.metadata.distributions(path=[str(site)])
             if re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() == name
         ]
+        if not found and name in DEBIAN_PROVIDED:
+            _check_debian_provided(ctx, name, target)
+            continue
         if len(found) != 1:
             raise RuntimeError(f"rootfs: runtime dependency {name} is not installed in {site} (run `make deps`)")
         distribution = found[0]
@@ -521,6 +539,29 @@ def install_dependencies(ctx: Context, target: Path) -> None:
             copied += 1
         ctx.log(f"rootfs: installed {distribution.metadata['Name']}=={distribution.version} ({copied} files)")
         todo.extend(runtime_requirements(distribution.requires or []))
+
+
+def _check_debian_provided(ctx: Context, name: str, target: Path) -> None:
+    """A dependency both the dev venv (system site-packages) and the image take from the same Debian package."""
+    in_tree = [
+        d for d in importlib.metadata.distributions(path=[str(target)]) if _normalise(d.metadata["Name"]) == name
+    ]
+    try:
+        dev_version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        package = DEBIAN_PROVIDED[name]
+        raise RuntimeError(f"rootfs: {name} is not installed on the build host (apt-get install {package})") from None
+    if not in_tree or {d.version for d in in_tree} != {dev_version}:  # (Debian may ship .egg-info and .dist-info)
+        found = ", ".join(d.version for d in in_tree) or "none"
+        raise RuntimeError(
+            f"rootfs: {name} {dev_version} is used by the dev environment but the image's {DEBIAN_PROVIDED[name]} "
+            f"gives {found}: add it to image/mkosi.conf and KEEP_PACKAGES, or update the build host"
+        )
+    ctx.log(f"rootfs: {name}=={dev_version} comes from Debian's {DEBIAN_PROVIDED[name]}")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _b64(digest: bytes) -> str:

@@ -20,6 +20,7 @@ STAMP = VENV / ".nullbox-installed"
 APT_PACKAGES = [
     "python3-venv",
     "python3-nftables",
+    "python3-cryptography",
     # the appliance image (make image) and its boot tests
     "mkosi",
     "systemd-container",
