@@ -1,1 +1,1 @@
-"""cage: one microVM per agent described by an AGENT.toml (issue 6; nothing here yet)."""
+"""cage: one microVM per agent from its AGENT.toml (QEMU microvm, or libkrun where it and KVM are usable)."""
