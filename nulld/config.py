@@ -47,6 +47,7 @@ class Service:
     env: tuple[tuple[str, str], ...] = ()
     working_dir: str = "/"
     user: str | int | None = None
+    preload: bool = False  # fork from nulld instead of exec: `python3 -m MODULE` services only (nulld/preload.py)
 
     @property
     def argv(self) -> list[str]:
@@ -81,6 +82,7 @@ _SERVICE_KEYS: Final = {
     "env",
     "working_dir",
     "user",
+    "preload",
 }
 _SYSTEM_KEYS: Final = {"hostname"}
 
@@ -174,6 +176,15 @@ def _service(name: str, table: Any, errors: _Collector) -> Service | None:
         or (isinstance(user, str) and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user))
     ):
         errors.add(f"{where}.user", f"must be a user name or a numeric uid (got {_show(user)})")
+    preload = table.get("preload", False)
+    if not isinstance(preload, bool):
+        errors.add(f"{where}.preload", f"must be true or false (got {_show(preload)})")
+    elif preload and (
+        args is None or len(args) < 2 or args[0] != "-m" or not Path(binary or "/").name.startswith("python")
+    ):
+        errors.add(
+            f"{where}.preload", "needs a service run as `python3 -m MODULE ...` (binary python3, args starting with -m)"
+        )
     if len(errors.errors) > count:
         return None
     assert binary is not None and args is not None and depends is not None and working_dir is not None
@@ -191,6 +202,7 @@ def _service(name: str, table: Any, errors: _Collector) -> Service | None:
         env=tuple(env),
         working_dir=working_dir,
         user=user,
+        preload=preload is True,
     )
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from nullbox.backoff import Backoff
+from nulld import preload
 from nulld.config import Config, ReadyKind, Restart, Service
 from nulld.graph import dependents
 
@@ -68,7 +69,7 @@ class Unit:
 
     service: Service
     state: State = State.WAITING
-    popen: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | preload.ForkedProcess | None = None
     ready: bool = False
     wanted: bool = True
     restarts: int = 0
@@ -186,19 +187,24 @@ class Supervisor:
             user = _resolve_user(service.user)
             if service.ready == ReadyKind.NOTIFY:
                 env["NOTIFY_SOCKET"] = self._notify_path()
-            popen = subprocess.Popen(
-                service.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=service.working_dir,
-                start_new_session=True,  # its own process group: stop signals reach all of it
-                close_fds=True,
-                user=None if user is None else user[0],
-                group=None if user is None else user[1],
-                extra_groups=None if user is None else [],
-            )
+            forkable = preload.module_argv(service.binary, service.args) if service.preload else None
+            popen: subprocess.Popen[bytes] | preload.ForkedProcess
+            if forkable is not None:
+                popen = preload.spawn(*forkable, env, service.working_dir, user)
+            else:
+                popen = subprocess.Popen(
+                    service.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    cwd=service.working_dir,
+                    start_new_session=True,  # its own process group: stop signals reach all of it
+                    close_fds=True,
+                    user=None if user is None else user[0],
+                    group=None if user is None else user[1],
+                    extra_groups=None if user is None else [],
+                )
         except (FileNotFoundError, PermissionError, NotADirectoryError, KeyError) as exc:
             reason = _spawn_error(service, exc)
             log.error("%s cannot start: %s", unit.name, reason)
@@ -218,7 +224,8 @@ class Supervisor:
         unit.set_state(State.STARTING)
         self._by_pid[popen.pid] = unit
         self.mark("spawned", unit.name)
-        log.info("%s started (pid %d)", unit.name, popen.pid)
+        how = " forked from nulld" if isinstance(popen, preload.ForkedProcess) else ""
+        log.info("%s started (pid %d%s)", unit.name, popen.pid, how)
         loop = asyncio.get_running_loop()
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             assert pipe is not None

@@ -90,6 +90,12 @@ BAD: list[tuple[str, str]] = [
     (_svc("working_dir = 'relative'"), "service.a.working_dir: must be an absolute path"),
     (_svc("user = 'Root User'"), "service.a.user: must be a user name or a numeric uid"),
     (_svc("user = -1"), "service.a.user"),
+    (_svc("preload = 'yes'"), "service.a.preload: must be true or false (got 'yes')"),
+    (_svc("preload = true"), "service.a.preload: needs a service run as `python3 -m MODULE ...`"),
+    (
+        '[service.a]\nbinary = "/usr/bin/python3"\nargs = ["/srv/a.py"]\npreload = true',
+        "service.a.preload: needs a service run as",
+    ),
     ('[service."bad name"]\nbinary = "/bin/true"', "service.bad name: service names are 1-64 characters"),
     ("[service]\na = 1", "service.a: must be a table (got 1)"),
     ("service = 3", "service: must be a table of [service.<name>] tables"),
@@ -100,6 +106,12 @@ BAD: list[tuple[str, str]] = [
         "service: dependency cycle: a -> b -> c -> a",
     ),
 ]
+
+
+def test_preload_is_accepted_for_python_modules() -> None:
+    text = '[service.a]\nbinary = "/usr/bin/python3"\nargs = ["-m", "ctxgraph", "serve"]\npreload = true'
+    assert parse(text, "x").services["a"].preload is True
+    assert parse(_svc(""), "x").services["a"].preload is False
 
 
 @pytest.mark.parametrize(("text", "message"), BAD, ids=[m[:40] for _, m in BAD])

@@ -626,7 +626,7 @@ def test_broken_config_boots_the_fallback_as_pid1(pid1: Pid1) -> None:
     status = pid1.call("status")
     assert status["nulld"]["config"] == str(fallback)
     assert status["nulld"]["degraded"] is None
-    allowed = "args, binary, depends_on, env, ready, ready_timeout, restart, stop_timeout, user, working_dir"
+    allowed = "args, binary, depends_on, env, preload, ready, ready_timeout, restart, stop_timeout, user, working_dir"
     assert status["nulld"]["config_errors"] == [
         f"{pid1.config}: service.web.colour: unknown key; allowed: {allowed}",
         f"{pid1.config}: service.web.restart: must be one of always, on-failure, never (got 'sometimes')",
