@@ -15,9 +15,12 @@ from typing import Final
 
 from nullbox import lean_imports
 
-lean_imports.pyroute2_submodules_only()  # (not without_ssl: pyroute2.netlink.rtnl.probe_msg imports ssl)
+lean_imports.without_ssl()  # asyncio without TLS support: the uplink never speaks TLS
 
 import asyncio  # noqa: E402
+
+lean_imports.lazy("ssl")  # pyroute2.netlink.rtnl.probe_msg imports ssl for TLS probes the uplink never makes
+lean_imports.pyroute2_submodules_only()
 
 from pyroute2.dhcp.client import AsyncDHCPClient, ClientConfig  # noqa: E402
 from pyroute2.dhcp.fsm import State  # noqa: E402
