@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from cage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, NAME_RE, Manifest, ManifestError, digest, parse_bytes
+from nullbox import durable
 
 DEFAULT_ROOT: Final = Path("/var/lib/nullbox/agents")
 INSTALL_RECORD: Final = ".installed.json"
@@ -236,7 +237,7 @@ class AgentStore:
             try:
                 stage.chmod(DIR_MODE)
                 kind = self._install_rootfs(rootfs, stage / manifest.agent.rootfs, hardlink=link_from is not None)
-                _write_file(stage / MANIFEST_NAME, raw, 0o644)
+                durable.write_new(stage / MANIFEST_NAME, raw, 0o644)
                 record = {
                     "format": RECORD_FORMAT,
                     "name": name,
@@ -245,15 +246,15 @@ class AgentStore:
                     "rootfs": manifest.agent.rootfs,
                     "rootfs_kind": kind,
                 }
-                _write_file(stage / INSTALL_RECORD, json.dumps(record, indent=2).encode() + b"\n", 0o644)
-                _fsync_dir(stage)
+                durable.write_new(stage / INSTALL_RECORD, json.dumps(record, indent=2).encode() + b"\n", 0o644)
+                durable.fsync_dir(stage)
                 self._swap_in(stage, target)
             except BaseException as exc:
                 _rmtree(stage)
                 if isinstance(exc, OSError):
                     raise StoreFailure(f"installing {name!r} failed, nothing was changed: {exc}") from exc
                 raise
-            _fsync_dir(self.root)
+            durable.fsync_dir(self.root)
         return ApplyResult(
             agent=self._read(name),
             created=previous is None,
@@ -271,7 +272,7 @@ class AgentStore:
             removed = self._read(name)
             aside = Path(_mkdtemp(self.root, f"{OLD_PREFIX}{name}-"))
             target.rename(aside / name)
-            _fsync_dir(self.root)
+            durable.fsync_dir(self.root)
             _rmtree(aside)
         return removed
 
@@ -309,7 +310,7 @@ class AgentStore:
                 _rmtree(holder)
                 repairs.append(f"removed {entry.name}")
         if repairs:
-            _fsync_dir(self.root)
+            durable.fsync_dir(self.root)
         return repairs
 
     def _read_source(self, source: Path | bytes, label: str | None) -> tuple[bytes, str, Path | None]:
@@ -345,7 +346,7 @@ class AgentStore:
                 dest.mkdir(0o700)
                 _copy_dir(fd, dest, (), _Budget(), source.name, hardlink=hardlink)
                 dest.chmod(_host_mode(st.st_mode))
-                _fsync_dir(dest)
+                durable.fsync_dir(dest)
             finally:
                 os.close(fd)
             return "dir"
@@ -371,7 +372,7 @@ class AgentStore:
             stage.rename(target)
             return
         if _exchange(stage, target):
-            _fsync_dir(self.root)
+            durable.fsync_dir(self.root)
             _rmtree(stage)  # now holds the previous version
             return
         aside = Path(_mkdtemp(self.root, f"{OLD_PREFIX}{target.name}-"))
@@ -381,7 +382,7 @@ class AgentStore:
         except BaseException:
             (aside / target.name).rename(target)
             raise
-        _fsync_dir(self.root)
+        durable.fsync_dir(self.root)
         _rmtree(aside)
 
     def _read(self, name: str) -> InstalledAgent:
@@ -533,7 +534,7 @@ def _copy_dir(
                 target.mkdir(0o700)
                 _copy_dir(fd, target, (*rel, name), budget, top, hardlink=hardlink)
                 target.chmod(_host_mode(st.st_mode))
-                _fsync_dir(target)
+                durable.fsync_dir(target)
             finally:
                 os.close(fd)
         elif stat.S_ISREG(st.st_mode):
@@ -566,25 +567,6 @@ def _copy_file(src_dir_fd: int, name: str, target: Path, st: os.stat_result, *, 
             os.fsync(out)
         finally:
             os.close(out)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

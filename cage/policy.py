@@ -17,8 +17,6 @@ import json
 import logging
 import os
 import re
-import stat
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cage.manifest import NAME_RE, Risk, ToolDef
+from nullbox import durable
 from nullbox.wire import ErrorCode, WireError
 
 log = logging.getLogger("cage.policy")
@@ -331,7 +330,13 @@ class Policy:
             agent: {"manifest_sha256": a.manifest_sha256, "approved_ns": a.approved_ns}
             for agent, a in sorted(approvals.items())
         }
-        _write_atomically(self.approvals_path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        durable.remove_temp_files(self.approvals_path.parent, f"{TEMP_PREFIX}{self.approvals_path.name}-")
+        durable.write_atomically(
+            self.approvals_path,
+            (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
+            mode=FILE_MODE,
+            temp_prefix=f"{TEMP_PREFIX}{self.approvals_path.name}-",
+        )
 
 
 def _check_agent(agent: object) -> None:
@@ -342,36 +347,3 @@ def _check_agent(agent: object) -> None:
 def _check_sha256(value: object) -> None:
     if not isinstance(value, str) or SHA256_RE.fullmatch(value) is None:
         raise WireError(ErrorCode.INVALID_REQUEST, "a manifest digest is 64 lowercase hex digits (SHA-256)")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename + directory fsync: readers see the old file or the new one."""
-    directory = path.parent
-    with suppress(FileNotFoundError):
-        for entry in os.scandir(directory):
-            # leftovers of a crash; we hold the lock, so no writer owns one now
-            if entry.name.startswith(f"{TEMP_PREFIX}{path.name}-") and stat.S_ISREG(
-                entry.stat(follow_symlinks=False).st_mode
-            ):
-                with suppress(FileNotFoundError):
-                    Path(entry.path).unlink()
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=directory)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        Path(tmp).replace(path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -30,7 +30,6 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -45,6 +44,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cage.manifest import ENV_NAME_RE, NAME_RE, RESERVED_ENV_PREFIXES
+from nullbox import durable
 from nullbox.wire import ErrorCode, WireError
 
 log = logging.getLogger("cage.vault")
@@ -279,7 +279,9 @@ class Vault:
                 grants = self._read_grants()
                 if grants.pop(name, None) is not None:
                     self._write_grants(grants)
-            _write_atomically(path, _seal(aead, name, text, created, now))
+            durable.write_atomically(
+                path, _seal(aead, name, text, created, now), mode=FILE_MODE, temp_prefix=TEMP_PREFIX
+            )
             log.info("vault: %s secret %s", "replaced" if existed else "created", name)
             return SecretInfo(name, created, now, tuple(self._read_grants().get(name, ())))
 
@@ -371,7 +373,7 @@ class Vault:
             if grants.pop(name, None) is not None:
                 self._write_grants(grants)
             path.unlink()
-            _fsync_dir(self.secrets_dir)
+            durable.fsync_dir(self.secrets_dir)
             log.info("vault: removed secret %s", name)
 
     def env_for(self, agent: str, credential_refs: Iterable[str]) -> Credentials:
@@ -420,8 +422,8 @@ class Vault:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             if not shared:
-                _remove_temp_files(self.root)
-                _remove_temp_files(self.secrets_dir)
+                durable.remove_temp_files(self.root, TEMP_PREFIX)
+                durable.remove_temp_files(self.secrets_dir, TEMP_PREFIX)
             yield
         except OSError as exc:
             # a failing disk: name the file (a secret's name at most), never what was being written
@@ -510,7 +512,12 @@ class Vault:
 
     def _write_grants(self, grants: Mapping[str, Iterable[str]]) -> None:
         data = {name: sorted(set(agents)) for name, agents in sorted(grants.items()) if agents}
-        _write_atomically(self.grants_path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        durable.write_atomically(
+            self.grants_path,
+            (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
+            mode=FILE_MODE,
+            temp_prefix=TEMP_PREFIX,
+        )
 
 
 # --- names and values ----------------------------------------------------------------------------------------------
@@ -647,7 +654,7 @@ def _create_key(path: Path) -> bytes:
     try:
         try:
             os.fchmod(fd, KEY_MODE)  # regardless of the umask
-            _write_all(fd, key)
+            durable.write_all(fd, key)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -663,7 +670,7 @@ def _create_key(path: Path) -> bytes:
     finally:
         with suppress(FileNotFoundError):
             tmp.unlink()
-        _fsync_dir(directory)
+        durable.fsync_dir(directory)
     log.info("vault: created a new key at %s", path)
     return key
 
@@ -684,47 +691,6 @@ def _check_dir(path: Path) -> None:
 
 def _exists(path: Path) -> bool:
     return os.path.lexists(path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part; a crash leaves at most a temp file (removed later)."""
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        Path(tmp).replace(path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_temp_files(directory: Path) -> None:
-    """Temp files left by a crash; only called under the exclusive lock, when no writer can own one."""
-    with suppress(FileNotFoundError):
-        for entry in os.scandir(directory):
-            if entry.name.startswith(TEMP_PREFIX):
-                with suppress(FileNotFoundError):
-                    Path(entry.path).unlink()
 
 
 def _iso(ns: int) -> str:
