@@ -8,19 +8,17 @@ also test_fail_next.  Request parameters are never logged (``secret_set`` carrie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from cage import defaults
 from cage.runtime import STEPS, Cage, agent_name, follow_lines
 from nullbox import notify
 from nullbox.wire import (
-    Connection,
+    ConnectionTracker,
     ErrorCode,
+    Op,
     Params,
     Reply,
     Request,
@@ -28,12 +26,10 @@ from nullbox.wire import (
     WireError,
     bind_unix,
     invalid,
-    serve_connection,
+    op_table,
 )
 
 log = logging.getLogger("cage")
-
-Op = Callable[[Request], Awaitable[Reply]]
 
 
 class CageServer:
@@ -41,7 +37,6 @@ class CageServer:
         self.cage = cage
         self.socket = cage.paths.socket
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
         self._ops: dict[str, Op] = {
             "apply": self._apply,
             "remove": self._remove,
@@ -62,6 +57,7 @@ class CageServer:
         }
         if cage.test_hooks:
             self._ops["test_fail_next"] = self._test_fail_next
+        self._connections = ConnectionTracker(op_table(self._ops))
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -74,7 +70,7 @@ class CageServer:
         sock = bind_unix(self.socket, 0o600)  # first: a second cage fails here, before touching VMs or TAPs
         try:
             await self.cage.prepare()
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+            self._server = await asyncio.start_unix_server(self._connections.serve, sock=sock)
         except BaseException:
             sock.close()
             self.socket.unlink(missing_ok=True)
@@ -90,32 +86,9 @@ class CageServer:
         if self._server is not None:
             self._server.close()
         await self.cage.shutdown()
-        tasks = set(self._connections)
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await self._connections.close()
         self.socket.unlink(missing_ok=True)
         log.info("stopped")
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            await serve_connection(reader, writer, self._handle, None)
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-
-    async def _handle(self, request: Request, conn: Connection[None]) -> Reply:
-        op = self._ops.get(request.op)
-        if op is None:
-            raise invalid(f"unknown op {request.op!r}; known: {', '.join(sorted(self._ops))}")
-        return await op(request)
 
     # --- agents ---------------------------------------------------------------------------------------------------
 

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from egress import defaults
 from egress.controller import Controller
 from nullbox import notify
-from nullbox.wire import Connection, Params, Reply, Request, bind_unix, invalid, serve_connection
+from nullbox.wire import ConnectionTracker, Op, Params, Reply, Request, bind_unix, op_table
 
 log = logging.getLogger("egress")
-
-Op = Callable[[Request], Awaitable[Reply]]
 
 
 @dataclass(frozen=True)
@@ -31,7 +26,6 @@ class EgressServer:
         self.config = config
         self.controller = controller
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
         self._ops: dict[str, Op] = {
             "add_agent": self._add_agent,
             "remove_agent": self._remove_agent,
@@ -41,13 +35,14 @@ class EgressServer:
         }
         if controller.config.test_hooks:
             self._ops["test_fail_next"] = self._test_fail_next
+        self._connections = ConnectionTracker(op_table(self._ops))
 
     async def start(self) -> None:
         # The socket first: a second instance fails here, before it could replace the running one's table.
         sock = bind_unix(self.config.socket, 0o600)
         try:
             await self.controller.start()
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+            self._server = await asyncio.start_unix_server(self._connections.serve, sock=sock)
         except BaseException:
             sock.close()
             self.config.socket.unlink(missing_ok=True)
@@ -57,14 +52,7 @@ class EgressServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        tasks = set(self._connections)
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await self._connections.close()
         await self.controller.close()
         self.config.socket.unlink(missing_ok=True)
         log.info("stopped; table %s stays in force", defaults.TABLE)
@@ -80,22 +68,6 @@ class EgressServer:
         await stop.wait()
         log.info("signal received; shutting down")
         await self.stop()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            await serve_connection(reader, writer, self._handle, None)
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-
-    async def _handle(self, request: Request, conn: Connection[None]) -> Reply:
-        op = self._ops.get(request.op)
-        if op is None:
-            raise invalid(f"unknown op {request.op!r}; known: {', '.join(sorted(self._ops))}")
-        return await op(request)
 
     # ------------------------------------------------------------------------------------------------- ops
 

@@ -397,6 +397,50 @@ async def serve_connection(
             await writer.wait_closed()
 
 
+Op = Callable[[Request], Awaitable[Reply]]
+
+
+def op_table(ops: Mapping[str, Op]) -> Handler[None]:
+    """A connection handler dispatching on ``request.op``; an unknown op names the ones that exist."""
+
+    async def handle(request: Request, conn: Connection[None]) -> Reply:
+        op = ops.get(request.op)
+        if op is None:
+            raise invalid(f"unknown op {request.op!r}; known: {', '.join(sorted(ops))}")
+        return await op(request)
+
+    return handle
+
+
+class ConnectionTracker:
+    """A server's live connections, so that shutdown can let them finish briefly and then cancel the rest."""
+
+    def __init__(self, handler: Handler[None]) -> None:
+        self.handler = handler
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """For asyncio.start_unix_server: one connection, tracked while it lasts."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await serve_connection(reader, writer, self.handler, None)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def close(self, grace: float = 1.0) -> None:
+        tasks = set(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     request_id: RequestId
