@@ -2,7 +2,8 @@
 
 The host needs one connection (the control socket, the virtio-serial port or vsock) for everything:
 ``{"op": "ctx.put", "key": ..., "value": ...}`` reaches ctxgraph's admin socket as ``{"op": "put", ...}``, and
-its reply (or its stream of events) comes back with the caller's id.
+its reply (or its stream of events) comes back with the caller's id.  ``agent.<verb>`` goes to cage as
+``<verb>``, ``secret.<verb>`` to cage as ``secret_<verb>``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,20 @@ from nullbox.wire import AsyncClient, ErrorCode, RawObject, Reply, Request, Stre
 ROUTES: Final = {
     "ctx": Path("/run/nullbox/ctxgraph.sock"),
     "egress": Path("/run/nullbox/egress.sock"),
+    "agent": Path("/run/nullbox/cage.sock"),
+    "secret": Path("/run/nullbox/cage.sock"),
 }
+#: The service-side op is this prefix + the verb (cage names its vault ops secret_set, secret_list, ...).
+VERB_PREFIX: Final = {"secret": "secret_"}
 STREAMING: Final = frozenset({"ctx.watch"})
+#: Ops that stream only when asked to (``follow``); otherwise they answer once.
+STREAMING_WHEN_FOLLOWED: Final = frozenset({"agent.logs"})
+
+
+def streams(request: Request) -> bool:
+    if request.op in STREAMING:
+        return True
+    return request.op in STREAMING_WHEN_FOLLOWED and request.params.get("follow") is True
 
 
 def route(op: str, routes: Mapping[str, Path] = ROUTES) -> tuple[Path, str] | None:
@@ -28,7 +41,7 @@ def route(op: str, routes: Mapping[str, Path] = ROUTES) -> tuple[Path, str] | No
         return None
     if not verb:
         raise WireError(ErrorCode.INVALID_REQUEST, f"{op!r} names no verb for {service}")
-    return routes[service], verb
+    return routes[service], VERB_PREFIX.get(service, "") + verb
 
 
 async def forward(request: Request, target: Path, verb: str) -> Reply:
@@ -38,7 +51,7 @@ async def forward(request: Request, target: Path, verb: str) -> Reply:
         raise WireError(
             ErrorCode.UNAVAILABLE, f"{request.op.partition('.')[0]} is not running ({exc.strerror})"
         ) from None
-    if request.op in STREAMING:
+    if streams(request):
 
         async def events() -> AsyncIterator[Mapping[str, Any] | RawObject]:
             try:

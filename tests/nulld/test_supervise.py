@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from nullbox.wire import ErrorCode, WireError
+from nullbox.wire import ErrorCode, Request, WireError
+from nulld import frontdoor
 from tests.nulld.conftest import PYTHON, NulldProcess
 
 NOTIFY_AFTER = """
@@ -470,3 +471,16 @@ def test_front_door_forwards_ctx_verbs(nulld: NulldProcess) -> None:
         with pytest.raises(WireError) as exc:
             client.call("ctx.stats")
         assert exc.value.code == ErrorCode.UNAVAILABLE and "ctx is not running" in exc.value.message
+
+
+def test_front_door_routes_name_each_owner_and_its_verb() -> None:
+    cage = Path("/run/nullbox/cage.sock")
+    assert frontdoor.route("agent.start") == (cage, "start")
+    assert frontdoor.route("secret.set") == (cage, "secret_set")  # cage's vault ops carry a prefix
+    assert frontdoor.route("egress.status") == (Path("/run/nullbox/egress.sock"), "status")
+    assert frontdoor.route("status") is None  # nulld's own
+    assert frontdoor.route("other.verb") is None
+    follow = Request(id=1, op="agent.logs", params={"agent": "a", "follow": True})
+    once = Request(id=2, op="agent.logs", params={"agent": "a"})
+    assert frontdoor.streams(follow) and not frontdoor.streams(once)
+    assert frontdoor.streams(Request(id=3, op="ctx.watch", params={}))
