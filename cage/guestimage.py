@@ -15,7 +15,7 @@ appliance ships cage but not the image build.)
 
 Guest modules (see cage/guest/init for when each list is loaded):
   nullbox.load        virtio-mmio (microvm's transport), virtio-blk, virtio-console (virtio-serial), virtio-net,
-                      squashfs, overlayfs
+                      squashfs, overlayfs; the ACPI button and evdev (the power button: a polite stop)
   nullbox.load-ext4   ext4 and its checksums, only when the root image is not a SquashFS
   nullbox.load-vsock  virtio vsock, only when the ctxgraph channel is vsock (the host has /dev/vhost-vsock)
 """
@@ -64,6 +64,9 @@ MODULE_LISTS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
         ("virtio_net", True),
         ("squashfs", True),
         ("overlay", True),
+        # the ACPI power button (QMP system_powerdown: cage's polite stop) as an input event for busybox acpid
+        ("button", False),
+        ("evdev", False),
     ),
     "nullbox.load-ext4": (("crc32c_generic", True), ("ext4", True)),
     "nullbox.load-vsock": (("vmw_vsock_virtio_transport", True),),

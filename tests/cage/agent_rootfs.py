@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Final
 
 BUSYBOX: Final = Path("/bin/busybox")
-APPLETS: Final = ("sh", "cat", "echo", "printf", "pwd", "ls", "ping")
+APPLETS: Final = ("sh", "cat", "echo", "printf", "pwd", "ls", "ping", "sleep")
 AGENT_PATH: Final = "/agent/run"
 
 AGENT_SCRIPT: Final = """#!/bin/sh

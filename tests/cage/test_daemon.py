@@ -238,7 +238,6 @@ def appliance(guest_files: tuple[Path, Path]) -> Iterator[Appliance]:
             raise RuntimeError(f"cage did not become ready:\n{cage.log_text()}") from None
         agent_dir = root / "src"
         build_agent_rootfs(agent_dir / "rootfs")
-        (agent_dir / "rootfs" / "bin" / "sleep").symlink_to("busybox")
         run = agent_dir / "rootfs" / "agent" / "run"
         run.write_text(AGENT_SCRIPT)
         run.chmod(0o755)

@@ -383,3 +383,32 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     assert "cannot write as 'alpha'" in outcome.console
     assert admin.by_agent("beta")["entries"] == []
     assert [e["key"] for e in admin.by_agent("alpha")["entries"]] == ["e2e/agent"]
+
+
+def test_the_power_button_ends_a_running_agent(tmp_path: Path, boot_files: tuple[Path, Path, Path]) -> None:
+    """cage's polite stop: QMP system_powerdown -> ACPI power button -> the guest init TERMs the agent and reports."""
+    vmlinuz, initramfs, agent_image = boot_files
+    vm = QemuVM(
+        agent="sleeper",
+        kernel=vmlinuz,
+        initramfs=initramfs,
+        rootfs=agent_image,
+        config_disk=qemu.write_config_disk(tmp_path / "sleeper.cfg", ["/bin/sleep", "600"], {}),
+        console_log=tmp_path / "sleeper.console",
+        qmp_socket=tmp_path / "sleeper.qmp",
+        ctxgraph_socket=tmp_path / "unused.sock",
+        net=None,
+    )
+    with Vm(vm) as running:
+        running.start()
+        deadline = time.monotonic() + 60
+        while b"NULLBOX-AGENT-START" not in vm.console_log.read_bytes():
+            assert time.monotonic() < deadline, vm.console_log.read_text(errors="replace")
+            time.sleep(0.1)
+        assert vm.qmp_socket is not None
+        qemu.qmp(vm.qmp_socket, "system_powerdown")
+        outcome = running.wait(30)  # past that, wait() quits QEMU itself: no power-button line, no status 143
+    print(f"--- console of sleeper:\n{outcome.console}", file=sys.stderr)
+    assert "NULLBOX-POWER-BUTTON" in outcome.console
+    assert outcome.agent_status == 128 + 15  # SIGTERM, sent by the guest init
+    assert outcome.qemu_status == 0 and "reboot: Power down" in outcome.console
