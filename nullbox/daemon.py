@@ -41,8 +41,12 @@ class DaemonProcess:
             self.proc = subprocess.Popen(
                 self.argv(), env={**os.environ, **self.env, **ready.env()}, stdout=log, stderr=log
             )
-            if not ready.wait_ready(timeout):
+            proc = self.proc
+            if not ready.wait_ready(timeout, alive=lambda: proc.poll() is None):
+                status = proc.poll()
                 self.kill()
+                if status is not None:
+                    raise RuntimeError(f"{self.name} exited with status {status} before it was ready; see {self.log}")
                 raise RuntimeError(f"{self.name} did not become ready within {timeout}s; see {self.log}")
         return self
 

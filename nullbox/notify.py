@@ -10,7 +10,12 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final
+
+#: How often wait_ready checks that the process it waits for is still alive.
+ALIVE_POLL_S: Final = 0.1
 
 log = logging.getLogger("nullbox.notify")
 
@@ -56,15 +61,18 @@ class ReadinessListener:
     def env(self) -> dict[str, str]:
         return {"NOTIFY_SOCKET": self.path}
 
-    def wait_ready(self, timeout: float) -> bool:
-        """True once a datagram carrying ``READY=1`` arrives; False after ``timeout`` seconds without one."""
+    def wait_ready(self, timeout: float, alive: Callable[[], bool] | None = None) -> bool:
+        """True once a datagram carrying ``READY=1`` arrives; False after ``timeout`` seconds without one, or as
+        soon as ``alive()`` says the process that should send it has gone (checked every ALIVE_POLL_S)."""
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            self._sock.settimeout(remaining)
+            self._sock.settimeout(remaining if alive is None else min(remaining, ALIVE_POLL_S))
             try:
                 message = self._sock.recv(4096)
             except TimeoutError:
-                return False
+                if alive is not None and not alive():
+                    return False
+                continue
             if "READY=1" in message.decode(errors="replace").splitlines():
                 return True
         return False

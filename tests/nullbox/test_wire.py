@@ -7,6 +7,8 @@ import json
 import logging
 import socket
 import stat
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 
 from nullbox import log as nullbox_log
 from nullbox import notify
+from nullbox.daemon import DaemonProcess
 from nullbox.wire import (
     MAX_INFLIGHT_BYTES,
     MAX_LINE,
@@ -313,6 +316,24 @@ def test_notify_reaches_a_listener(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert notify.ready("serving") is True
         assert listener.wait_ready(5) is True
         assert listener.wait_ready(0.05) is False
+
+
+def test_waiting_for_readiness_ends_when_the_process_is_gone(tmp_path: Path) -> None:
+    with notify.ReadinessListener(str(tmp_path / "n.sock")) as listener:
+        started = time.monotonic()
+        assert listener.wait_ready(30, alive=lambda: time.monotonic() - started < 0.3) is False
+        assert time.monotonic() - started < 10  # not the 30 s timeout: the dead process was noticed
+
+
+def test_a_daemon_that_dies_before_ready_is_reported_at_once(tmp_path: Path) -> None:
+    class Dying(DaemonProcess):
+        name = "dying"
+
+        def argv(self) -> list[str]:
+            return [sys.executable, "-c", "import sys; sys.exit(7)"]
+
+    with pytest.raises(RuntimeError, match="exited with status 7 before it was ready"):
+        Dying(tmp_path).start(timeout=60)
 
 
 def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
