@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
-from cage import defaults, guestimage, network, qemu
+from cage import defaults, network, qemu
 from cage.agents import AgentNotFound, AgentStore, InstalledAgent, StoreError, check_name
 from cage.cgroup import CgroupError, Group, Hierarchy, Limits
 from cage.config import CageConfig
@@ -642,6 +642,10 @@ class Cage:
         self.paths.images.mkdir(parents=True, exist_ok=True, mode=0o755)
         stamp.unlink(missing_ok=True)
         log.info("agent %s: packing its rootfs into %s", installed.name, image)
+        # Imported here: cage.guestimage builds on the image build's helpers (image.*), which the appliance does not
+        # ship; cage itself must import there.
+        from cage import guestimage  # noqa: PLC0415
+
         guestimage.pack_rootfs(installed.rootfs_path, image)
         image.chmod(0o644)
         stamp.write_text(key)

@@ -212,7 +212,7 @@ SMOKE_TEST: Final = """
 import asyncio, ctypes, json, sqlite3, ssl, zoneinfo
 import nftables, rfc8785
 import nulld.__main__, nulld.config, ctxgraph.server, egress.controller, egress.dnsproxy, nulld.uplink
-import cage.manifest, cage.agents
+import cage.manifest, cage.agents, cage.runtime, cage.server, cage.vault
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 nftables.Nftables()
 AESGCM(AESGCM.generate_key(bit_length=256)).encrypt(b"0" * 12, b"sealed", b"name")

@@ -21,6 +21,8 @@ ROUTES: Final = {
     "agent": Path("/run/nullbox/cage.sock"),
     "secret": Path("/run/nullbox/cage.sock"),
 }
+#: Who answers each prefix, for "... is not running" (agent and secret verbs both belong to cage).
+OWNERS: Final = {"ctx": "ctxgraph", "egress": "egress", "agent": "cage", "secret": "cage"}
 #: The service-side op is this prefix + the verb (cage names its vault ops secret_set, secret_list, ...).
 VERB_PREFIX: Final = {"secret": "secret_"}
 STREAMING: Final = frozenset({"ctx.watch"})
@@ -48,9 +50,7 @@ async def forward(request: Request, target: Path, verb: str) -> Reply:
     try:
         client = await AsyncClient.connect(f"unix:{target}")
     except OSError as exc:
-        raise WireError(
-            ErrorCode.UNAVAILABLE, f"{request.op.partition('.')[0]} is not running ({exc.strerror})"
-        ) from None
+        raise WireError(ErrorCode.UNAVAILABLE, f"{_owner(request.op)} is not running ({exc.strerror})") from None
     if streams(request):
 
         async def events() -> AsyncIterator[Mapping[str, Any] | RawObject]:
@@ -66,3 +66,8 @@ async def forward(request: Request, target: Path, verb: str) -> Reply:
     finally:
         with contextlib.suppress(Exception):
             await client.close()
+
+
+def _owner(op: str) -> str:
+    prefix = op.partition(".")[0]
+    return OWNERS.get(prefix, prefix)

@@ -1,4 +1,7 @@
-"""``nullctl ctx ...`` as an operator runs it: a real process against a real ctxgraph daemon."""
+"""``nullctl ctx --direct ...``: a real nullctl process talking straight to a real ctxgraph daemon's socket.
+
+Through nulld's front door (the default) is tests/nullctl/test_ctx_frontdoor_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ from ctxgraph.process import ServerProcess
 
 
 def nullctl(server: ServerProcess, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    if "ctx" in args:  # straight to ctxgraph's socket, not through nulld
+        at = args.index("ctx") + 1
+        args = (*args[:at], "--direct", *args[at:])
     argv = [sys.executable, "-m", "nullctl", "--connect", server.address, *args]
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, check=False)
 
@@ -42,7 +48,7 @@ def test_put_get_query_history(server: ServerProcess) -> None:
 
 
 def test_watch_prints_new_entries(server: ServerProcess) -> None:
-    argv = [sys.executable, "-m", "nullctl", "--connect", server.address, "--json", "ctx", "watch", "live/"]
+    argv = [sys.executable, "-m", "nullctl", "--connect", server.address, "--json", "ctx", "--direct", "watch", "live/"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as watcher:
         assert watcher.stdout is not None
         assert json.loads(watcher.stdout.readline())["type"] == "subscribed"
@@ -63,7 +69,7 @@ def test_exit_codes_and_messages(server: ServerProcess, tmp_path: Path) -> None:
     bad_address = nullctl(server, "--connect", "tcp:1:2", "ctx", "stats")
     assert bad_address.returncode == 2 and "bad address" in bad_address.stderr
     down = subprocess.run(
-        [sys.executable, "-m", "nullctl", "--connect", f"unix:{tmp_path / 'none.sock'}", "ctx", "stats"],
+        [sys.executable, "-m", "nullctl", "--connect", f"unix:{tmp_path / 'none.sock'}", "ctx", "--direct", "stats"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -71,3 +77,12 @@ def test_exit_codes_and_messages(server: ServerProcess, tmp_path: Path) -> None:
     )
     assert down.returncode == 3 and "cannot connect" in down.stderr
     assert len(down.stderr.strip().splitlines()) == 1
+    # Without --direct nullctl speaks nulld's front door (ctx.stats), which ctxgraph's own socket does not know.
+    undirected = subprocess.run(
+        [sys.executable, "-m", "nullctl", "--connect", server.address, "ctx", "stats"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert undirected.returncode == 1 and "ctx --direct" in undirected.stderr

@@ -470,7 +470,7 @@ def test_front_door_forwards_ctx_verbs(nulld: NulldProcess) -> None:
         client.call("stop", service="ctxgraph")
         with pytest.raises(WireError) as exc:
             client.call("ctx.stats")
-        assert exc.value.code == ErrorCode.UNAVAILABLE and "ctx is not running" in exc.value.message
+        assert exc.value.code == ErrorCode.UNAVAILABLE and "ctxgraph is not running" in exc.value.message
 
 
 def test_front_door_routes_name_each_owner_and_its_verb() -> None:
