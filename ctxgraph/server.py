@@ -256,7 +256,7 @@ class CtxGraphServer:
             raise
         self._committer = Committer(self.store, self.watchers.publish)
         self._committer.start()
-        self.config.agents_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        _traversable_dir(self.config.agents_dir)
         self._admin = await asyncio.start_unix_server(
             lambda r, w: self._serve(r, w, Binding(ADMIN), self._connections), sock=admin_sock
         )
@@ -568,3 +568,14 @@ def _prefixes(params: Params, name: str) -> tuple[str, ...] | None:
     if values is None:
         return None
     return tuple(validate_key(v, f"{name}[{i}]", allow_empty=True) for i, v in enumerate(values))
+
+
+def _traversable_dir(path: Path) -> None:
+    """Make the agent sockets' directory (and its parent, when we create it) 0711: an agent's VMM, running as the
+    agent's own uid, must reach its socket by path, but nobody may list the others.  mkdir's mode alone would be
+    cut to 0700 by the service's umask (077)."""
+    made_parent = not path.parent.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o711)
+    if made_parent:
+        path.parent.chmod(0o711)

@@ -35,6 +35,8 @@ def test_sockets_are_private(server: ServerProcess) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (65534, 65534)
     assert stat.S_IMODE(server.db.stat().st_mode) & 0o077 == 0
+    # an agent's VMM runs as the agent's uid: it can reach its own socket by path, but list nobody's
+    assert stat.S_IMODE(server.agents_dir.stat().st_mode) == 0o711
 
 
 def test_agent_identity_is_the_socket(server: ServerProcess) -> None:
