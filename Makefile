@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nullbox-installed
 
-.PHONY: run demo test lint typecheck unit bench deps clean image
+.PHONY: run demo test lint typecheck unit bench deps clean image kernel
 
 deps: $(STAMP)
 
@@ -30,6 +30,9 @@ unit: deps
 
 image: deps
 	$(BIN)/python -m image.build
+
+kernel: deps
+	$(BIN)/python -m kernel.build all
 
 bench: deps
 	$(BIN)/python -m bench.ctxgraph_bench

@@ -40,6 +40,14 @@ APT_PACKAGES = [
     "qemu-utils",
     "e2fsprogs",
     "ca-certificates",
+    # the NullBox kernel (make kernel; its config tests need the kconfig tools): kernel/build.py BUILD_DEPS
+    "gcc",
+    "make",
+    "bc",
+    "flex",
+    "bison",
+    "libelf-dev",
+    "xz-utils",
 ]
 
 
