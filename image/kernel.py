@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -74,10 +75,20 @@ def fetch_deb(ctx: Context, package: str) -> Path:
         ctx.log(f"kernel: using cached {cached.relative_to(ctx.out)}")
         return cached
     ctx.log(f"kernel: downloading {package} {version}")
+    download_deb(cached, package, version, expected, lambda argv, cwd: ctx.run(argv, cwd=cwd))
+    return cached
+
+
+def download_deb(
+    cached: Path, package: str, version: str, expected: str, run: Callable[[list[str], Path], object]
+) -> None:
+    """``apt-get download package=version`` into ``cached``, checked against apt's SHA-256 (``expected``) when
+    known; other versions of the package's .deb beside it are removed.  ``run(argv, cwd)`` runs a command."""
+    cache = cached.parent
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         # apt-get download as root drops privileges to _apt, which must be able to write the directory
         Path(tmp).chmod(0o777)
-        ctx.run(["apt-get", "download", f"{package}={version}" if version else package], cwd=Path(tmp))
+        run(["apt-get", "download", f"{package}={version}" if version else package], Path(tmp))
         debs = sorted(Path(tmp).glob("*.deb"))
         if len(debs) != 1:
             raise RuntimeError(f"apt-get download {package} left {len(debs)} .deb files")
@@ -87,7 +98,6 @@ def fetch_deb(ctx: Context, package: str) -> Path:
     for stale in cache.glob(f"{package}_*.deb"):
         if stale != cached:
             stale.unlink()
-    return cached
 
 
 def build(ctx: Context) -> None:

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from image.kernel import download_deb, sha256_file
 
 REPO: Final = Path(__file__).resolve().parent.parent
 KERNEL_DIR: Final = Path(__file__).resolve().parent
@@ -79,14 +79,6 @@ def run(argv: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | N
 def probe(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """Run argv for its answer: output captured, a failure is the caller's to judge."""
     return subprocess.run(list(argv), capture_output=True, text=True, check=False)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager
@@ -160,18 +152,12 @@ def fetch_source_deb(build: Path, record: dict[str, str]) -> Path:
     if cached.is_file() and (not expected or sha256_file(cached) == expected):
         return cached
     log(f"source: downloading {SOURCE_PACKAGE} {version}")
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        Path(tmp).chmod(0o777)  # apt-get download as root drops privileges to _apt, which must write here
-        run(["apt-get", "download", f"{SOURCE_PACKAGE}={version}"], cwd=Path(tmp))
-        debs = sorted(Path(tmp).glob("*.deb"))
-        if len(debs) != 1:
-            raise BuildError(f"apt-get download {SOURCE_PACKAGE} left {len(debs)} .deb files")
-        if expected and sha256_file(debs[0]) != expected:
-            raise BuildError(f"{debs[0].name}: SHA-256 differs from apt's index")
-        debs[0].replace(cached)
-    for stale in cache.glob(f"{SOURCE_PACKAGE}_*.deb"):
-        if stale != cached:
-            stale.unlink()
+    try:
+        download_deb(cached, SOURCE_PACKAGE, version, expected, lambda argv, cwd: run(argv, cwd=cwd))
+    except BuildError:
+        raise
+    except RuntimeError as exc:
+        raise BuildError(str(exc)) from None
     return cached
 
 

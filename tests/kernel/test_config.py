@@ -15,6 +15,7 @@ import pytest
 
 from cage.guestimage import MODULE_LISTS
 from image.initrd import BOOT_MODULES, LATE_MODULES, kernel_compression
+from image.kernel import sha256_file
 from kernel import build as kb
 
 # The built-in option behind every module the Debian-kernel boot paths load today (image/initrd.py for the appliance,
@@ -140,8 +141,8 @@ def test_build_with_an_unchanged_key_does_nothing(tmp_path: Path, monkeypatch: p
 def test_cache_key_names_source_fragment_and_builder() -> None:
     key = kb.cache_key("appliance", kb.Source("6.1.192-2", Path("/nowhere")))
     assert key["source"] == "6.1.192-2"
-    assert key["fragment"] == kb.sha256_file(kb.fragment_path("appliance"))
-    assert key["builder"] == kb.sha256_file(Path(kb.__file__))
+    assert key["fragment"] == sha256_file(kb.fragment_path("appliance"))
+    assert key["builder"] == sha256_file(Path(kb.__file__))
 
 
 # ------------------------------------------------------------------------------------ the generated .configs
