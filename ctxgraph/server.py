@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -317,12 +316,7 @@ class CtxGraphServer:
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop cleanly."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        notify.ready()
-        await stop.wait()
+        await notify.ready_until_signalled()
         log.info("signal received; shutting down")
         await self.stop()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +59,7 @@ class EgressServer:
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT; READY only once the base ruleset is in force."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        notify.ready()
-        await stop.wait()
+        await notify.ready_until_signalled()
         log.info("signal received; shutting down")
         await self.stop()
 

@@ -6,8 +6,10 @@ The protocol is a datagram such as ``READY=1`` sent to the unix socket named by 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -76,3 +78,13 @@ class ReadinessListener:
             if "READY=1" in message.decode(errors="replace").splitlines():
                 return True
         return False
+
+
+async def ready_until_signalled() -> None:
+    """Send READY=1, then return on the first SIGTERM or SIGINT: a daemon's main coroutine between start and stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready()
+    await stop.wait()
