@@ -6,17 +6,17 @@
 Everything runs against real kernel nftables in network namespaces this benchmark creates, never the host's.
 
 Phases:
-  (1) the start-up transaction, ``ruleset.replace_table`` (add table; delete table; base; every agent's sets,
-      counters, chains and dispatch elements) for 100 agents, applied with one ``Nft.apply``, each run in a brand-new
-      network namespace (``unshare(CLONE_NEWNET)`` in a worker process).  An agent's 20 allow-list names live in the
-      controller; its allow set starts empty, so they add nothing to the transaction.  Baseline: the same
+  (1) the start-up transaction, ``ruleset.replace_table`` (add table; delete table; base; every agent's elements in the
+      dispatch, gateway and counting sets) for 100 agents, applied with one ``Nft.apply``, each run in a brand-
+      new network namespace (``unshare(CLONE_NEWNET)`` in a worker process).  An agent's 20 allow-list names live in
+      the controller; its allow set starts empty, so they add nothing to the transaction.  Baseline: the same
       transaction for 1 agent, runs interleaved.  Diagnostics: the base table alone, the userspace share (libnftables
-      dry run: JSON parse, evaluation, cache fetch, no commit), replacing an existing 100-agent table (a restart),
-      and 100 incremental ``Controller.add_agent`` calls.
-  (2) elements put into one agent's allow set (``ipv4_addr . inet_service``, timeout 300 s), in a fresh namespace
-      holding the 100-agent table: (a) one element per transaction (``ruleset.admit`` + ``Nft.apply``, the batch
-      ``Controller.admit`` makes for one DNS answer), (b) 1000 elements per transaction.  Diagnostics: (a) with a
-      1-agent table; ``Controller.admit`` itself (lock, grant bookkeeping, asyncio.to_thread) for one element per
+      dry run: JSON parse, evaluation, cache fetch, no commit), replacing an existing 100-agent table (a restart), and
+      100 incremental ``Controller.add_agent`` calls.
+  (2) elements put into the allow set for one agent (``ifname . ipv4_addr . inet_service``, timeout 300 s), in a fresh
+      namespace holding the 100-agent table: (a) one element per transaction (``ruleset.admit`` + ``Nft.apply``, the
+      batch ``Controller.admit`` makes for one DNS answer), (b) 1000 elements per transaction.  Diagnostics: (a) with
+      a 1-agent table; ``Controller.admit`` itself (lock, grant bookkeeping, asyncio.to_thread) for one element per
       call; and its no-transaction path (the element is live), with 1 grant tracked and with ~1,000.
   (3) DNS latency seen by a client in an agent namespace (tests.egress.topology: internet, appliance and agent
       namespaces, authoritative server at 198.51.100.53) talking to the real ``python -m egress serve`` in the
@@ -161,17 +161,26 @@ def timed_apply(nft: Nft, commands: list[JSONObject]) -> int:
 
 
 def table_counts(nft: Nft) -> dict[str, int]:
-    counts = {"chain": 0, "set": 0, "map": 0, "rule": 0, "counter": 0}
+    counts = {"chain": 0, "set": 0, "map": 0, "rule": 0, "counter": 0, "element": 0}
     for item in nft.listing("table", family=ruleset.FAMILY, name=ruleset.TABLE) or []:
         for kind in item:
             if kind in counts:
                 counts[kind] += 1
+            if kind == "set":
+                counts["element"] += len(item[kind].get("elem", []))
     return counts
 
 
-def set_size(nft: Nft, name: str) -> int:
-    listing = nft.listing("set", family=ruleset.FAMILY, table=ruleset.TABLE, name=name) or []
-    return sum(len(item["set"].get("elem", [])) for item in listing if "set" in item)
+def allowed_count(nft: Nft, interface: str) -> int:
+    """Elements of the allow set that belong to ``interface``'s agent."""
+    listing = nft.listing("set", family=ruleset.FAMILY, table=ruleset.TABLE, name=ruleset.ALLOW_SET) or []
+    return sum(
+        1
+        for item in listing
+        if "set" in item
+        for elem in item["set"].get("elem", [])
+        if elem["elem"]["val"]["concat"][0] == interface
+    )
 
 
 def bench_nets() -> list[AgentNet]:
@@ -249,14 +258,16 @@ def insert(nft: Nft, net: AgentNet, transactions: int, per_transaction: int) -> 
     """Distinct new elements, ``per_transaction`` in each ``ruleset.admit`` batch (built inside the timing)."""
     started = time.perf_counter_ns()
     for j in range(transactions):
-        chunk = [(element(j * per_transaction + k), PORT, ELEMENT_TIMEOUT_S) for k in range(per_transaction)]
-        nft.apply(ruleset.admit(net, chunk))
+        chunk = [
+            ((net.interface, element(j * per_transaction + k), PORT), ELEMENT_TIMEOUT_S) for k in range(per_transaction)
+        ]
+        nft.apply(ruleset.admit(chunk))
     took = time.perf_counter_ns() - started
-    return Insertions(transactions * per_transaction, transactions, took, set_size(nft, net.allow_set))
+    return Insertions(transactions * per_transaction, transactions, took, allowed_count(nft, net.interface))
 
 
 def insertion_phase(namespaces: FreshNamespaces, single: int, single_small: int, batches: int) -> dict[str, Any]:
-    """(2): into agent 0's set (a) and agent 1's set (b) of a 100-agent table; (a') into a 1-agent table."""
+    """(2): for agent 0 (a) and agent 1 (b) of a 100-agent table; (a') for the agent of a 1-agent table."""
     nets = bench_nets()
     nft = namespaces.nft()
     nft.apply(ruleset.replace_table(UPLINK, nets))
@@ -584,14 +595,13 @@ def dns_phase(samples: int, warmup: int) -> tuple[dict[str, DnsResult], dict[str
         try:
             daemon.start()
             added = daemon.call("add_agent", agent=BENCH_AGENT, interface=link.iface, allow=allow_list(0))
-            net = AgentNet(BENCH_AGENT, link.iface, link.gateway)
-            if added["nft_id"] != net.id:
-                raise RuntimeError(f"the daemon named the agent's chains {added['nft_id']}, not {net.id}")
+            if added["interface"] != link.iface:
+                raise RuntimeError(f"the daemon put the agent on {added['interface']}, not {link.iface}")
             # The direct arm's way out: egress drops UDP from an agent to anything but its gateway, so one rule at
-            # the head of this agent's forward chain lets its questions to the upstream server through.
+            # the head of the agents' forward chain lets its questions to the upstream server through.
             accept = ["ip", "daddr", str(topology.DNS_SERVER), "udp", "dport", "53", "accept"]
             topology.run(
-                topo.appliance, ["nft", "insert", "rule", ruleset.FAMILY, ruleset.TABLE, net.forward_chain, *accept]
+                topo.appliance, ["nft", "insert", "rule", ruleset.FAMILY, ruleset.TABLE, ruleset.FORWARD_CHAIN, *accept]
             )
             bench = DnsBench(topo, daemon, samples, warmup)
             bench.cached("i")
@@ -691,7 +701,8 @@ def transaction_rows(report: Report, out: dict[str, Any], runs: int) -> None:
         f"(1) what the kernel holds, {AGENTS} agents",
         f"{objects['rule']:,}",
         "rules",
-        f"{objects['chain']} chains, {objects['set']} sets, {objects['map']} maps, {objects['counter']} counters",
+        f"{objects['chain']} chains, {objects['set']} sets, {objects['map']} maps, {objects['counter']} counters, "
+        f"{objects['element']:,} set elements",
     )
     report.section("(1) diagnostics")
     report.add("(1c) base table only, no agent", f"{base:.2f}", "ms", f"{base / one:.2f} x (1b)")
@@ -726,7 +737,9 @@ def transaction_rows(report: Report, out: dict[str, Any], runs: int) -> None:
 def insertion_rows(report: Report, out: dict[str, Any]) -> None:
     single, batch, small = (Insertions(**out["insertions"][k]) for k in ("single", "batch", "small"))
     via = Insertions(**out["controller"]["admit"])
-    report.section(f"(2) elements into one agent's allow set (ipv4_addr . inet_service, timeout), {AGENTS}-agent table")
+    report.section(
+        f"(2) allow-set elements for one agent (ifname . ipv4_addr . inet_service, timeout), {AGENTS}-agent table"
+    )
     report.add(
         "(2a) 1 element per transaction",
         f"{single.rate:,.0f}",

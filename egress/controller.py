@@ -47,7 +47,8 @@ PRUNE_INTERVAL_S: Final = 10.0
 #: than the transaction itself.
 INLINE_COMMANDS: Final = 16
 
-Element = tuple[IPv4Address, int]
+#: (address, port) an agent may connect to; in the kernel's allow set it is keyed by the agent's interface too.
+Destination = tuple[IPv4Address, int]
 
 
 class AdmissionLike(Protocol):
@@ -105,14 +106,17 @@ class Agent:
     net: AgentNet
     allow: AllowList
     proxy: Proxy
-    #: element -> {allowed name -> monotonic expiry}: why each element is in the set, and until when.
-    grants: dict[Element, dict[str, float]] = field(default_factory=dict)
+    #: destination -> {allowed name -> monotonic expiry}: why each element is in the set, and until when.
+    grants: dict[Destination, dict[str, float]] = field(default_factory=dict)
     denied_names: deque[tuple[str, float]] = field(default_factory=lambda: deque(maxlen=defaults.DENIED_NAMES))
     pruned_at: float = 0.0
 
     @property
     def name(self) -> str:
         return self.net.agent
+
+    def element(self, destination: Destination) -> ruleset.Element:
+        return (self.net.interface, *destination)
 
     def record(self) -> dict[str, Any]:
         return {"agent": self.name, "interface": self.net.interface, "allow": self.allow.texts()}
@@ -304,7 +308,8 @@ class Controller:
                     )
             entry = await self._start_agent(AgentNet(name, ifname, gateway), allowed)
             try:
-                await self._apply(ruleset.add_agent(entry.net))
+                stale = await self._elements_of(ifname)
+                await self._apply(ruleset.add_agent(entry.net, stale))
             except BaseException:
                 await self._close_proxies([entry])
                 raise
@@ -316,7 +321,7 @@ class Controller:
     async def remove_agent(self, agent: object) -> dict[str, Any]:
         async with self._lock:
             entry = self._get(agent)
-            await self._apply(ruleset.remove_agent(entry.net))
+            await self._apply(ruleset.remove_agent(entry.net, await self._elements_of(entry.net.interface)))
             del self.agents[entry.name]
             self._save_state()
             await self._close_proxies([entry])
@@ -332,24 +337,24 @@ class Controller:
             entry = self._get(agent)
             now = time.monotonic()
             entry.prune(now)
-            revoked: list[Element] = []
-            shortened: list[tuple[IPv4Address, int, int]] = []
-            grants: dict[Element, dict[str, float]] = {}
-            for element, names in entry.grants.items():
-                kept = {n: t for n, t in names.items() if element[1] in allowed.ports_for(n)}
+            revoked: list[Destination] = []
+            shortened: list[tuple[ruleset.Element, int]] = []
+            grants: dict[Destination, dict[str, float]] = {}
+            for destination, names in entry.grants.items():
+                kept = {n: t for n, t in names.items() if destination[1] in allowed.ports_for(n)}
                 if not kept:
-                    revoked.append(element)
+                    revoked.append(destination)
                     continue
-                grants[element] = kept
+                grants[destination] = kept
                 if max(kept.values()) < max(names.values()):
-                    shortened.append((*element, _seconds(max(kept.values()) - now)))
-            await self._apply([*ruleset.revoke(entry.net, revoked), *ruleset.admit(entry.net, shortened)])
+                    shortened.append((entry.element(destination), _seconds(max(kept.values()) - now)))
+            await self._apply([*ruleset.revoke(entry.element(d) for d in revoked), *ruleset.admit(shortened)])
             entry.allow = allowed
             entry.grants = grants
             entry.proxy.set_allow(allowed)
             self._save_state()
         log.info("agent %s allow %s (%d addresses revoked)", entry.name, allowed.texts(), len(revoked))
-        return {**self._describe(entry), "revoked": [_element_json(e) for e in sorted(revoked)]}
+        return {**self._describe(entry), "revoked": [_element_json(d) for d in sorted(revoked)]}
 
     def list_agents(self) -> dict[str, Any]:
         return {"agents": [self._describe(a) for a in sorted(self.agents.values(), key=lambda a: a.name)]}
@@ -392,7 +397,7 @@ class Controller:
             entry = self._get(agent)
             now = time.monotonic()
             entry.prune_soon(now)
-            requested: dict[Element, dict[str, int]] = {}
+            requested: dict[Destination, dict[str, int]] = {}
             for adm in admissions:
                 if not isinstance(adm.address, IPv4Address):
                     raise invalid(f"admission address {adm.address!r} is not IPv4")
@@ -408,30 +413,44 @@ class Controller:
                 names[adm.name] = max(names.get(adm.name, 0), timeout)
             if not requested:
                 return 0
-            if all(self._covered(entry, element, names, now) for element, names in requested.items()):
+            if all(self._covered(entry, d, names, now) for d, names in requested.items()):
                 guaranteed = []
-                for element, names in requested.items():
-                    granted = entry.grants[element]
+                for destination, names in requested.items():
+                    granted = entry.grants[destination]
                     expiry = max(granted.values())
                     for name, timeout in names.items():  # each name justifies what its answer is told, no more
                         until = min(expiry, now + timeout)
                         granted[name] = max(granted.get(name, 0.0), until)
                         guaranteed.append(math.floor(until - now))
                 return min(guaranteed)
-            pending: dict[Element, dict[str, float]] = {}
-            for element, names in requested.items():
-                merged = pending.setdefault(element, dict(entry.grants.get(element, {})))
+            pending: dict[Destination, dict[str, float]] = {}
+            for destination, names in requested.items():
+                merged = pending.setdefault(destination, dict(entry.grants.get(destination, {})))
                 for name, timeout in names.items():
                     merged[name] = max(merged.get(name, 0.0), now + timeout)
-            elements = [(*e, _seconds(max(names.values()) - now)) for e, names in pending.items()]
-            await self._apply(ruleset.admit(entry.net, elements))
+            self._check_limit(entry, pending, now)
+            elements = [(entry.element(d), _seconds(max(names.values()) - now)) for d, names in pending.items()]
+            await self._apply(ruleset.admit(elements))
             entry.grants.update(pending)
-        log.debug("agent %s admitted %s", agent, [_element_json(e[:2]) for e in elements])
-        return min(timeout for _, _, timeout in elements)
+        log.debug("agent %s admitted %s", agent, [_element_json(d) for d in pending])
+        return min(timeout for _, timeout in elements)
 
-    def _covered(self, entry: Agent, element: Element, names: dict[str, int], now: float) -> bool:
-        """Whether ``element`` already stays long enough that refreshing it would buy little."""
-        granted = entry.grants.get(element)
+    @staticmethod
+    def _check_limit(entry: Agent, pending: dict[Destination, dict[str, float]], now: float) -> None:
+        """Refuse an admission that would give one agent more than its share of the (shared) allow set."""
+        if len(entry.grants.keys() | pending.keys()) <= defaults.AGENT_ALLOW_LIMIT:
+            return
+        entry.prune(now)
+        if len(entry.grants.keys() | pending.keys()) > defaults.AGENT_ALLOW_LIMIT:
+            raise WireError(
+                ErrorCode.FORBIDDEN,
+                f"agent {entry.name!r} already holds {len(entry.grants)} addresses "
+                f"(limit {defaults.AGENT_ALLOW_LIMIT}); not admitting more until some expire",
+            )
+
+    def _covered(self, entry: Agent, destination: Destination, names: dict[str, int], now: float) -> bool:
+        """Whether ``destination`` already stays long enough that refreshing it would buy little."""
+        granted = entry.grants.get(destination)
         if not granted:
             return False
         left = max(granted.values()) - now
@@ -472,6 +491,22 @@ class Controller:
                 ErrorCode.UNAVAILABLE, f"nftables refused the change; nothing was applied ({exc})"
             ) from None
 
+    async def _elements_of(self, interface: str) -> list[tuple[str, ruleset.Element]]:
+        """(set, element) of every allow and denied element the kernel holds for ``interface``."""
+        found: list[tuple[str, ruleset.Element]] = []
+        for name in (ruleset.ALLOW_SET, ruleset.DENIED_SET):
+            try:
+                listing = await asyncio.to_thread(
+                    self.nft.listing, "set", family=ruleset.FAMILY, table=ruleset.TABLE, name=name
+                )
+            except NftError as exc:
+                raise WireError(ErrorCode.UNAVAILABLE, f"cannot read set {name}: {exc}") from None
+            for value, _ in _elements(_index(listing or []).get(("set", name))):
+                element = _parse_element(value)
+                if element is not None and element[0] == interface:
+                    found.append((name, element))
+        return found
+
     async def _list_table(self) -> list[JSONObject]:
         try:
             listing = await asyncio.to_thread(self.nft.listing, "table", family=ruleset.FAMILY, name=ruleset.TABLE)
@@ -484,7 +519,6 @@ class Controller:
     def _describe(self, agent: Agent) -> dict[str, Any]:
         return {
             "agent": agent.name,
-            "nft_id": agent.net.id,
             "interface": agent.net.interface,
             "gateway": str(agent.net.gateway),
             "allow": agent.allow.texts(),
@@ -492,26 +526,28 @@ class Controller:
 
     def _agent_status(self, agent: Agent, objects: dict[tuple[str, str], JSONObject], now: float) -> dict[str, Any]:
         agent.prune(now)
+        interface = agent.net.interface
         addresses = []
-        for value, expires in _elements(objects.get(("set", agent.net.allow_set))):
+        for value, expires in _elements(objects.get(("set", ruleset.ALLOW_SET))):
             element = _parse_element(value)
-            if element is None:
+            if element is None or element[0] != interface:
                 continue
-            names = sorted(agent.grants.get(element, {}))
-            addresses.append({**_element_json(element), "expires_s": expires, "names": names})
+            names = sorted(agent.grants.get(element[1:], {}))
+            addresses.append({**_element_json(element[1:]), "expires_s": expires, "names": names})
         denied = []
-        for value, expires in _elements(objects.get(("set", agent.net.denied_set))):
+        for value, expires in _elements(objects.get(("set", ruleset.DENIED_SET))):
             element = _parse_element(value)
-            if element is not None:
-                denied.append({**_element_json(element), "expires_s": expires})
+            if element is not None and element[0] == interface:
+                denied.append({**_element_json(element[1:]), "expires_s": expires})
+        denied.sort(key=lambda d: -int(d["expires_s"] or 0))
         return {
             **self._describe(agent),
             "addresses": sorted(addresses, key=lambda a: (a["address"], a["port"])),
             "counters": {
-                "accepted": _counter(objects.get(("counter", agent.net.accepted_counter))),
-                "dropped": _counter(objects.get(("counter", agent.net.dropped_counter))),
+                "accepted": _counter(objects.get(("set", ruleset.ACCEPTED_SET)), interface),
+                "dropped": _counter(objects.get(("set", ruleset.DROPPED_SET)), interface),
             },
-            "denied": sorted(denied, key=lambda d: -int(d["expires_s"] or 0)),
+            "denied": denied[: defaults.DENIED_SHOWN],
             "denied_names": [{"name": n, "at": round(t, 3)} for n, t in reversed(agent.denied_names)],
         }
 
@@ -558,8 +594,8 @@ def _seconds(remaining: float) -> int:
     return max(1, math.ceil(remaining))
 
 
-def _element_json(element: Element) -> dict[str, Any]:
-    return {"address": str(element[0]), "port": element[1]}
+def _element_json(destination: Destination) -> dict[str, Any]:
+    return {"address": str(destination[0]), "port": destination[1]}
 
 
 def _index(listing: list[JSONObject]) -> dict[tuple[str, str], JSONObject]:
@@ -586,20 +622,25 @@ def _elements(set_body: JSONObject | None) -> list[tuple[Any, int | None]]:
     return result
 
 
-def _parse_element(value: Any) -> Element | None:
+def _parse_element(value: Any) -> ruleset.Element | None:
+    """An allow or denied set element as listed: {"concat": [interface, address, port]}."""
     if not isinstance(value, dict):
         return None
     parts = value.get("concat")
-    if not isinstance(parts, list) or len(parts) != 2:
+    if not isinstance(parts, list) or len(parts) != 3:
         return None
-    address, port = parts
+    interface, address, port = parts
     with contextlib.suppress(ValueError, TypeError):
-        if isinstance(port, int):
-            return IPv4Address(str(address)), port
+        if isinstance(interface, str) and isinstance(port, int):
+            return interface, IPv4Address(str(address)), port
     return None
 
 
-def _counter(body: JSONObject | None) -> dict[str, int]:
-    if body is None:
-        return {"packets": 0, "bytes": 0}
-    return {"packets": int(body.get("packets", 0)), "bytes": int(body.get("bytes", 0))}
+def _counter(set_body: JSONObject | None, interface: str) -> dict[str, int]:
+    """The counter of ``interface``'s element in a counting set listing."""
+    for item in (set_body or {}).get("elem", []):
+        body = item.get("elem") if isinstance(item, dict) else None
+        if isinstance(body, dict) and body.get("val") == interface:
+            counter = body.get("counter") or {}
+            return {"packets": int(counter.get("packets", 0)), "bytes": int(counter.get("bytes", 0))}
+    return {"packets": 0, "bytes": 0}

@@ -54,16 +54,34 @@ def appliance(netns: NetnsFactory, egress_factory: EgressFactory) -> Iterator[Ap
     yield Appliance(app, egress_factory(app.name, uplink="up0", min_ttl=2, max_ttl=10), agents)
 
 
-def _agent_chains(table: list[dict[str, Any]] | None) -> set[str]:
+def _agent_interfaces(table: list[dict[str, Any]] | None) -> set[str]:
+    """The interfaces the table sends through the agent chains (set agent_ifs)."""
     assert table is not None
-    return {i["chain"]["name"] for i in table if "chain" in i} - {"forward", "input", "postrouting"}
+    (body,) = [i["set"] for i in table if "set" in i and i["set"]["name"] == ruleset.AGENT_IFS]
+    return set(body.get("elem", []))
+
+
+def _counted(table: list[dict[str, Any]] | None) -> set[str]:
+    """The interfaces the counting sets hold (both must agree)."""
+    assert table is not None
+    counting = {ruleset.ACCEPTED_SET, ruleset.DROPPED_SET}
+    found = [
+        {e["elem"]["val"] for e in i["set"].get("elem", [])}
+        for i in table
+        if "set" in i and i["set"]["name"] in counting
+    ]
+    assert len(found) == 2 and found[0] == found[1]
+    return found[0]
 
 
 def test_ready_means_the_base_ruleset_is_in_force(appliance: Appliance) -> None:
     table = appliance.app.table()
     assert table is not None
     chains = {i["chain"]["name"]: i["chain"] for i in table if "chain" in i}
-    assert chains["forward"]["policy"] == "drop" and set(chains) == {"forward", "input", "postrouting"}
+    assert chains["forward"]["policy"] == "drop"
+    assert set(chains) == {"forward", "input", "postrouting", ruleset.FORWARD_CHAIN, ruleset.INPUT_CHAIN, "deny"}
+    assert _agent_interfaces(table) == set() and _counted(table) == set()
+    assert not [i for i in table if "counter" in i or "map" in i]
     assert appliance.egress.call("list") == {"agents": []}
     status = appliance.egress.call("status")
     assert status["table"] == "inet nullbox" and status["uplink"] == "up0"
@@ -76,7 +94,6 @@ def test_add_list_status_update_remove(appliance: Appliance) -> None:
     added = eg.call("add_agent", agent="bot", interface="nb-a", allow=["api.example.com", "*.github.com:8443"])
     assert added == {
         "agent": "bot",
-        "nft_id": ruleset.agent_id("bot"),
         "interface": "nb-a",
         "gateway": "10.200.1.1",
         "allow": ["*.github.com:8443", "api.example.com"] if False else added["allow"],
@@ -88,11 +105,9 @@ def test_add_list_status_update_remove(appliance: Appliance) -> None:
         ("bot", "nb-a", "10.200.1.1"),
         ("other", "nb-b", "10.200.2.1"),
     ]
-    net = ruleset.AgentNet("bot", "nb-a", IPv4Address("10.200.1.1"))
     table = app.table()
-    assert {net.forward_chain, net.input_chain, net.deny_chain} <= _agent_chains(table)
-    maps = {i["map"]["name"]: i["map"].get("elem") for i in table or [] if "map" in i}
-    assert ["nb-a", {"jump": {"target": net.forward_chain}}] in maps[ruleset.FORWARD_MAP]
+    assert _agent_interfaces(table) == {"nb-a", "nb-b"}
+    assert _counted(table) == {"nb-a", "nb-b"}
 
     status = eg.call("status", agent="bot")["agent"]
     assert status["addresses"] == [] and status["denied"] == [] and status["denied_names"] == []
@@ -115,7 +130,12 @@ def test_add_list_status_update_remove(appliance: Appliance) -> None:
 
     assert eg.call("remove_agent", agent="bot") == {"agent": "bot", "removed": True}
     assert [a["agent"] for a in eg.call("list")["agents"]] == ["other"]
-    assert not {net.forward_chain, net.input_chain, net.deny_chain} & _agent_chains(app.table())
+    table = app.table()
+    assert _agent_interfaces(table) == {"nb-b"}
+    assert _counted(table) == {"nb-b"}
+    # Its denied destinations went with it: nothing in the shared sets is keyed by its interface any more.
+    shared = [i["set"] for i in table or [] if "set" in i and i["set"]["name"] in (ruleset.ALLOW_SET, "denied")]
+    assert [e for body in shared for e in body.get("elem", []) if e["elem"]["val"]["concat"][0] == "nb-a"] == []
     # The interface is free again; so is the name.
     eg.call("add_agent", agent="bot", interface="nb-c", allow=[])
     assert eg.error("status", agent="ghost").code == ErrorCode.NOT_FOUND
@@ -252,7 +272,7 @@ def test_restart_restores_agents_and_skips_vanished_interfaces(
 
     again = egress_factory(app.name, root=eg.root, uplink="up0", min_ttl=2, max_ttl=10)
     assert again.call("list") == listed
-    assert _agent_chains(app.table()) == _agent_chains(table)
+    assert _agent_interfaces(app.table()) == _agent_interfaces(table) == {"nb-a", "nb-b"}
     again.call("update_agent", agent="other", allow=["c.example.com"])
     assert again.stop() == 0
 
@@ -260,8 +280,8 @@ def test_restart_restores_agents_and_skips_vanished_interfaces(
     third = egress_factory(app.name, root=eg.root, uplink="up0", min_ttl=2, max_ttl=10)
     assert [(a["agent"], a["allow"]) for a in third.call("list")["agents"]] == [("other", ["c.example.com"])]
     assert "not restoring agent bot: interface 'nb-a' does not exist" in third.log_text()
-    bot = ruleset.AgentNet("bot", "nb-a", IPv4Address("10.200.1.1"))
-    assert bot.forward_chain not in _agent_chains(app.table())
+    assert _agent_interfaces(app.table()) == {"nb-b"}
+    assert _counted(app.table()) == {"nb-b"}
 
 
 def test_a_second_instance_does_not_touch_the_running_ones_table(
@@ -394,12 +414,14 @@ def _elements(commands: list[JSONObject], verb: str) -> list[tuple[str, int, int
     found = []
     for command in commands:
         body = command.get(verb, {}).get("element")
-        if body is None:
+        if body is None or body["name"] != ruleset.ALLOW_SET:
             continue
         for elem in body["elem"]:
             timeout = elem["elem"]["timeout"] if "elem" in elem else None
             value = elem["elem"]["val"] if "elem" in elem else elem
-            found.append((value["concat"][0], value["concat"][1], timeout))
+            interface, address, port = value["concat"]
+            assert interface == "nb-a"
+            found.append((address, port, timeout))
     return found
 
 
@@ -464,6 +486,59 @@ def test_admission_bookkeeping_and_update_revocation(tmp_path: Path) -> None:
         assert controller.agents["bot"].grants == {}
         proxy = controller.agents["bot"].proxy
         assert isinstance(proxy, StandInProxy) and proxy.allow == AllowList()
+
+    asyncio.run(scenario())
+
+
+def test_one_agent_cannot_take_more_than_its_share_of_the_allow_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(defaults, "AGENT_ALLOW_LIMIT", 2)
+
+    async def scenario() -> None:
+        controller, nft = _controller(tmp_path)
+        await controller.start()
+        await controller.add_agent("bot", "nb-a", ["*.example.com"])
+        adm = [Adm(IPv4Address(f"192.0.2.{i}"), 443, 60, f"h{i}.example.com") for i in range(1, 4)]
+        await controller.admit("bot", adm[:2])
+        count = len(nft.transactions)
+        with pytest.raises(WireError, match=r"already holds 2 addresses \(limit 2\)") as info:
+            await controller.admit("bot", adm[2:])
+        assert info.value.code == ErrorCode.FORBIDDEN and len(nft.transactions) == count
+        # What it holds already may still be refreshed.
+        assert await controller.admit("bot", adm[:1]) > 0
+
+    asyncio.run(scenario())
+
+
+class LeftoverNft(RecordingNft):
+    """The kernel's sets still hold elements keyed by an interface a removed agent used."""
+
+    def listing(self, kind: str, **names: str) -> list[JSONObject] | None:
+        value = {"concat": ["nb-a", "192.0.2.7", 22]}
+        return [{"set": {"name": names.get("name"), "elem": [{"elem": {"val": value, "expires": 500}}]}}]
+
+
+def test_adding_an_agent_clears_what_an_earlier_one_left_on_its_interface(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        nft = LeftoverNft()
+
+        async def lookup(interface: str) -> IPv4Address:
+            return IPv4Address("10.200.1.1")
+
+        controller = Controller(ControllerConfig(state_dir=tmp_path), nft, lambda *args: StandInProxy(), lookup)
+        await controller.start()
+        nft.transactions.clear()
+        await controller.add_agent("bot", "nb-a", [])
+        (batch,) = nft.transactions
+        purged = [c["delete"]["element"] for c in batch if "delete" in c]
+        assert sorted(b["name"] for b in purged) == sorted([ruleset.ALLOW_SET, ruleset.DENIED_SET])
+        assert all(b["elem"] == [{"concat": ["nb-a", "192.0.2.7", 22]}] for b in purged)
+        # Each delete follows an add of the same element: valid even if it expired in between.
+        first_delete = next(i for i, c in enumerate(batch) if "delete" in c)
+        assert (
+            "add" in batch[first_delete - 1] and batch[first_delete - 1]["add"]["element"]["name"] == purged[0]["name"]
+        )
 
     asyncio.run(scenario())
 

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-import pytest
-
 from egress import defaults, ruleset
 from egress.blocked import BLOCKED_V4, METADATA_V4
 from egress.ruleset import AgentNet, JSONObject
@@ -88,12 +86,24 @@ def without_handles(value: Any) -> Any:
     return value
 
 
+def grant(agent: AgentNet, address: str, port: int, timeout_s: int) -> tuple[ruleset.Element, int]:
+    """One (element, timeout) pair for ruleset.admit: ``address:port`` for ``agent``."""
+    return (agent.interface, IPv4Address(address), port), timeout_s
+
+
+def set_elements(ns: Netns, name: str, agent: AgentNet) -> dict[tuple[str, int], int]:
+    """(address, port) -> seconds left, of the elements set ``name`` holds for ``agent``'s interface."""
+    body = objects(ns.table())[("set", name)]
+    found = {}
+    for e in body.get("elem", []):
+        interface, address, port = e["elem"]["val"]["concat"]
+        if interface == agent.interface:
+            found[(address, port)] = e["elem"]["expires"]
+    return found
+
+
 def element_expiry(ns: Netns, agent: AgentNet) -> dict[tuple[str, int], int]:
-    body = objects(ns.table())[("set", agent.allow_set)]
-    return {
-        (e["elem"]["val"]["concat"][0], e["elem"]["val"]["concat"][1]): e["elem"]["expires"]
-        for e in body.get("elem", [])
-    }
+    return set_elements(ns, ruleset.ALLOW_SET, agent)
 
 
 def test_layout_of_the_table(netns: NetnsFactory) -> None:
@@ -115,63 +125,109 @@ def test_layout_of_the_table(netns: NetnsFactory) -> None:
     for network in (*BLOCKED_V4, *METADATA_V4):  # every listed range is covered by some element
         assert any(network.subnet_of(n) for n in networks), network
 
-    allow = found[("set", a.allow_set)]
-    assert (allow["type"], allow["flags"], allow["size"]) == (["ipv4_addr", "inet_service"], ["timeout"], 65536)
-    denied = found[("set", a.denied_set)]
-    assert denied["type"] == ["ipv4_addr", "inet_service"]
+    allow = found[("set", ruleset.ALLOW_SET)]
+    element_type = ["ifname", "ipv4_addr", "inet_service"]
+    assert (allow["type"], allow["flags"], allow["size"]) == (element_type, ["timeout"], defaults.ALLOW_SIZE)
+    denied = found[("set", ruleset.DENIED_SET)]
+    assert denied["type"] == element_type
     assert (denied["size"], denied["timeout"]) == (defaults.DENIED_SIZE, defaults.DENIED_TIMEOUT_S)
     assert found[("set", ruleset.AGENT_IFS)]["elem"] == [a.interface]
-    assert found[("map", ruleset.FORWARD_MAP)]["elem"] == [[a.interface, {"jump": {"target": a.forward_chain}}]]
-    assert found[("map", ruleset.INPUT_MAP)]["elem"] == [[a.interface, {"jump": {"target": a.input_chain}}]]
-    assert ("counter", a.accepted_counter) in found
-    assert ("counter", a.dropped_counter) in found
+    assert found[("set", ruleset.GATEWAYS)]["elem"] == [{"concat": [a.interface, str(a.gateway)]}]
+    for counting in (ruleset.ACCEPTED_SET, ruleset.DROPPED_SET):
+        body = found[("set", counting)]
+        assert (body["type"], body["stmt"]) == ("ifname", [{"counter": None}])
+        assert body["elem"] == [{"elem": {"val": a.interface, "counter": {"packets": 0, "bytes": 0}}}]
+    # Nothing the agent is called appears in the table: it is known there only by its interface.
+    assert "bot" not in json.dumps(table).replace(a.interface, "")
 
+    iifname = {"meta": {"key": "iifname"}}
     assert rules(table, "forward") == [
-        [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@fwd_agents"}}],
         [
-            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": UPLINK}},
+            {"match": {"op": "==", "left": iifname, "right": "@agent_ifs"}},
+            {"jump": {"target": ruleset.FORWARD_CHAIN}},
+        ],
+        [
+            {"match": {"op": "==", "left": iifname, "right": UPLINK}},
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@agent_ifs"}},
             {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
             {"accept": None},
         ],
     ]
-    assert rules(table, "input") == [[{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@in_agents"}}]]
+    assert rules(table, "input") == [
+        [
+            {"match": {"op": "==", "left": iifname, "right": "@agent_ifs"}},
+            {"jump": {"target": ruleset.INPUT_CHAIN}},
+        ]
+    ]
     assert rules(table, "postrouting") == [
         [
-            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@agent_ifs"}},
+            {"match": {"op": "==", "left": iifname, "right": "@agent_ifs"}},
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": UPLINK}},
             {"masquerade": None},
         ]
     ]
 
-    goto_deny = {"goto": {"target": a.deny_chain}}
-    fwd = rules(table, a.forward_chain)
+
+def test_the_agent_chains_send_everything_not_allowed_to_deny(netns: NetnsFactory) -> None:
+    ns = netns()
+    assert apply(ns, ruleset.replace_table(UPLINK, [AGENT])) is None
+    table = ns.table()
+    iifname = {"meta": {"key": "iifname"}}
+    goto_deny = {"goto": {"target": ruleset.DENY_CHAIN}}
+    count_accepted = {"match": {"op": "==", "left": iifname, "right": f"@{ruleset.ACCEPTED_SET}"}}
+    fwd = rules(table, ruleset.FORWARD_CHAIN)
     assert fwd[0] == [{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}}, goto_deny]
     assert fwd[1][0]["match"]["right"] == "@blocked4" and fwd[1][1] == goto_deny
-    assert kinds(fwd[2]) == ["match", "counter", "accept"] and fwd[2][0]["match"]["left"] == {"ct": {"key": "state"}}
-    assert fwd[3][0]["match"]["right"] == f"@{a.allow_set}"
-    assert fwd[3][0]["match"]["left"]["concat"][1] == {"payload": {"protocol": "tcp", "field": "dport"}}
-    assert fwd[3][1:] == [{"counter": a.accepted_counter}, {"accept": None}]
+    assert fwd[2] == [fwd[2][0], count_accepted, {"accept": None}] and fwd[2][0]["match"]["left"] == {
+        "ct": {"key": "state"}
+    }
+    assert fwd[3][-3]["match"]["right"] == f"@{ruleset.ALLOW_SET}"
+    assert fwd[3][-3]["match"]["left"]["concat"] == [
+        iifname,
+        {"payload": {"protocol": "ip", "field": "daddr"}},
+        {"payload": {"protocol": "tcp", "field": "dport"}},
+    ]
+    assert fwd[3][-2:] == [count_accepted, {"accept": None}]
     assert fwd[4] == [goto_deny]
 
-    inp_rules = rules(table, a.input_chain)
-    assert len(inp_rules) == 3 and inp_rules[2] == [goto_deny]
-    for expr, proto in zip(inp_rules[:2], ("udp", "tcp"), strict=True):
-        assert expr[0]["match"]["right"] == str(a.gateway)
-        assert expr[1]["match"] == {"op": "==", "left": {"payload": {"protocol": proto, "field": "dport"}}, "right": 53}
-        assert expr[2:] == [{"counter": a.accepted_counter}, {"accept": None}]
+    inp_rules = rules(table, ruleset.INPUT_CHAIN)
+    assert len(inp_rules) == 2 and inp_rules[1] == [goto_deny]
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}} in inp_rules[
+        0
+    ]
+    assert inp_rules[0][-3]["match"] == {
+        "op": "==",
+        "left": {"concat": [iifname, {"payload": {"protocol": "ip", "field": "daddr"}}]},
+        "right": f"@{ruleset.GATEWAYS}",
+    }
+    assert inp_rules[0][-2:] == [count_accepted, {"accept": None}]
 
-    deny = rules(table, a.deny_chain)
-    assert deny[0] == [{"counter": a.dropped_counter}]
-    assert deny[1][-1]["set"]["op"] == "update" and deny[1][-1]["set"]["set"] == f"@{a.denied_set}"
-    assert deny[2][0]["limit"] == {"rate": defaults.LOG_RATE_PER_S, "burst": defaults.LOG_BURST, "per": "second"}
-    assert deny[2][1]["log"]["prefix"] == "nullbox-egress drop bot: "
+    deny = rules(table, ruleset.DENY_CHAIN)
+    assert deny[0] == [{"match": {"op": "==", "left": iifname, "right": f"@{ruleset.DROPPED_SET}"}}]
+    assert deny[1][-1]["set"]["op"] == "update" and deny[1][-1]["set"]["set"] == f"@{ruleset.DENIED_SET}"
+    meter = deny[2][0]["set"]
+    assert (meter["op"], meter["elem"], meter["set"]) == ("update", iifname, f"@{ruleset.LOG_LIMITS}")
+    assert meter["stmt"] == [{"limit": {"rate": defaults.LOG_RATE_PER_S, "burst": defaults.LOG_BURST, "per": "second"}}]
+    assert deny[2][1]["log"]["prefix"] == ruleset.LOG_PREFIX
     assert deny[3] == [{"drop": None}]
 
-    # Set, chain, map and counter names carry the derived id, never the agent's name.
-    names = [name for (_, name) in found]
-    assert not any("bot" in name for name in names)
-    assert a.id == ruleset.agent_id("bot") and len(a.id) == 12
+
+def test_agents_add_elements_never_rules_chains_sets_or_objects(netns: NetnsFactory) -> None:
+    """libnftables reads every rule and object into its cache before each batch: they must not grow with agents."""
+    ns = netns()
+    assert apply(ns, ruleset.replace_table(UPLINK)) is None
+    bare = ns.table()
+    assert apply(ns, ruleset.replace_table(UPLINK, [AGENT, OTHER])) is None
+    full = ns.table()
+
+    def shape(table: list[dict[str, Any]] | None) -> list[Any]:
+        """The table without set elements."""
+        assert table is not None
+        return [without_handles({k: {f: v for f, v in b.items() if f != "elem"} for k, b in i.items()}) for i in table]
+
+    assert shape(full) == shape(bare)
+    assert {kind for item in full or [] for kind in item} == {"table", "set", "chain", "rule"}
+    assert len(full or []) == len(bare or [])
 
 
 def test_values_are_data_never_nft_syntax(netns: NetnsFactory) -> None:
@@ -181,10 +237,11 @@ def test_values_are_data_never_nft_syntax(netns: NetnsFactory) -> None:
     assert apply(ns, ruleset.replace_table(UPLINK)) is None
     hostile = AgentNet('x"; flush ruleset; add table ip pwn; "', 'n"b;x', IPv4Address("10.200.9.1"))
     assert apply(ns, ruleset.add_agent(hostile)) is None
-    table = ns.table()
-    found = objects(table)
-    assert found[("map", ruleset.FORWARD_MAP)]["elem"] == [['n"b;x', {"jump": {"target": hostile.forward_chain}}]]
-    assert rules(table, hostile.deny_chain)[2][1]["log"]["prefix"] == hostile.log_prefix
+    assert apply(ns, ruleset.admit([((hostile.interface, IPv4Address("192.0.2.1"), 443), 60)])) is None
+    found = objects(ns.table())
+    assert found[("set", ruleset.AGENT_IFS)]["elem"] == ['n"b;x']
+    assert found[("set", ruleset.GATEWAYS)]["elem"] == [{"concat": ['n"b;x', "10.200.9.1"]}]
+    assert element_expiry(ns, hostile).keys() == {("192.0.2.1", 443)}
     tables = ns.nft("list", "tables").stdout.splitlines()
     assert sorted(tables) == ["table inet keep6", "table inet nullbox", "table ip keep"]
 
@@ -197,14 +254,15 @@ def test_values_are_data_never_nft_syntax(netns: NetnsFactory) -> None:
 def test_a_failed_transaction_leaves_the_previous_ruleset_in_force(netns: NetnsFactory) -> None:
     ns = netns()
     assert apply(ns, ruleset.replace_table(UPLINK, [AGENT])) is None
-    assert apply(ns, ruleset.admit(AGENT, [(IPv4Address("192.0.2.10"), 443, 300)])) is None
+    assert apply(ns, ruleset.admit([grant(AGENT, "192.0.2.10", 443, 300)])) is None
     before = ns.ruleset()
     # A whole agent plus one command the kernel rejects, at the end: none of the agent may appear.
     error = apply(ns, [*ruleset.add_agent(OTHER), ruleset.forced_failure()])
     assert error is not None and "No such file or directory" in error
     assert ns.ruleset() == before
     # A failure in the middle of a removal: the agent stays whole.
-    error = apply(ns, [*ruleset.remove_agent(AGENT)[:5], ruleset.forced_failure(), *ruleset.remove_agent(AGENT)[5:]])
+    removal = ruleset.remove_agent(AGENT, [(ruleset.ALLOW_SET, grant(AGENT, "192.0.2.10", 443, 0)[0])])
+    error = apply(ns, [*removal[:4], ruleset.forced_failure(), *removal[4:]])
     assert error is not None
     assert ns.ruleset() == before
     # Adding an agent that exists fails as a whole too.
@@ -227,8 +285,8 @@ def test_other_tables_are_never_touched(netns: NetnsFactory) -> None:
     for commands in (
         ruleset.replace_table(UPLINK, [AGENT]),
         ruleset.add_agent(OTHER),
-        ruleset.admit(OTHER, [(IPv4Address("192.0.2.10"), 443, 60)]),
-        ruleset.revoke(OTHER, [(IPv4Address("192.0.2.10"), 443)]),
+        ruleset.admit([grant(OTHER, "192.0.2.10", 443, 60)]),
+        ruleset.revoke([grant(OTHER, "192.0.2.10", 443, 0)[0]]),
         ruleset.remove_agent(OTHER),
         ruleset.replace_table(UPLINK),
     ):
@@ -270,9 +328,11 @@ def test_removing_an_agent_leaves_exactly_the_base_table(netns: NetnsFactory) ->
     base = without_handles(ns.table())
     assert apply(ns, ruleset.add_agent(AGENT)) is None
     assert apply(ns, ruleset.add_agent(OTHER)) is None
-    assert apply(ns, ruleset.admit(AGENT, [(IPv4Address("192.0.2.10"), 443, 60)])) is None
-    assert apply(ns, ruleset.remove_agent(AGENT)) is None
-    assert apply(ns, ruleset.remove_agent(OTHER)) is None
+    assert apply(ns, ruleset.admit([grant(AGENT, "192.0.2.10", 443, 60), grant(OTHER, "192.0.2.11", 443, 60)])) is None
+    # The agent's elements go with it (the controller lists them from the kernel); the other agent's stay.
+    assert apply(ns, ruleset.remove_agent(AGENT, [(ruleset.ALLOW_SET, grant(AGENT, "192.0.2.10", 443, 0)[0])])) is None
+    assert element_expiry(ns, OTHER).keys() == {("192.0.2.11", 443)}
+    assert apply(ns, ruleset.remove_agent(OTHER, [(ruleset.ALLOW_SET, grant(OTHER, "192.0.2.11", 443, 0)[0])])) is None
     assert without_handles(ns.table()) == base
 
 
@@ -280,25 +340,36 @@ def test_admit_sets_the_timeout_it_names_and_revoke_tolerates_absent_elements(ne
     ns = netns()
     web, api = IPv4Address("192.0.2.10"), IPv4Address("198.51.100.10")
     assert apply(ns, ruleset.replace_table(UPLINK, [AGENT])) is None
-    assert apply(ns, ruleset.admit(AGENT, [(web, 443, 100), (web, 8443, 100), (api, 443, 200)])) is None
+    assert (
+        apply(
+            ns,
+            ruleset.admit(
+                [((AGENT.interface, w, p), t) for w, p, t in ((web, 443, 100), (web, 8443, 100), (api, 443, 200))]
+            ),
+        )
+        is None
+    )
     expiry = element_expiry(ns, AGENT)
     assert 95 <= expiry[(str(web), 443)] <= 100 and 195 <= expiry[(str(api), 443)] <= 200
     assert (str(web), 8443) in expiry
     # Re-admitting an element sets its timeout to the new value, shorter or longer (kernels before 6.10 keep the
     # old expiry on a plain re-add, hence add + delete + add in one batch).
-    assert apply(ns, ruleset.admit(AGENT, [(web, 443, 30)])) is None
+    assert apply(ns, ruleset.admit([((AGENT.interface, web, 443), 30)])) is None
     assert element_expiry(ns, AGENT)[(str(web), 443)] <= 30
-    assert apply(ns, ruleset.admit(AGENT, [(web, 443, 250)])) is None
+    assert apply(ns, ruleset.admit([((AGENT.interface, web, 443), 250)])) is None
     assert element_expiry(ns, AGENT)[(str(web), 443)] >= 245
     # Revoking present and absent elements in one batch succeeds and removes exactly the present ones.
-    assert apply(ns, ruleset.revoke(AGENT, [(web, 443), (IPv4Address("203.0.113.5"), 443)])) is None
+    assert (
+        apply(ns, ruleset.revoke([(AGENT.interface, web, 443), (AGENT.interface, IPv4Address("203.0.113.5"), 443)]))
+        is None
+    )
     assert set(element_expiry(ns, AGENT)) == {(str(web), 8443), (str(api), 443)}
 
 
 def test_elements_expire_on_their_own(netns: NetnsFactory) -> None:
     ns = netns()
     assert apply(ns, ruleset.replace_table(UPLINK, [AGENT])) is None
-    assert apply(ns, ruleset.admit(AGENT, [(IPv4Address("192.0.2.10"), 443, 1)])) is None
+    assert apply(ns, ruleset.admit([grant(AGENT, "192.0.2.10", 443, 1)])) is None
     assert element_expiry(ns, AGENT)
     deadline = time.monotonic() + 5
     while element_expiry(ns, AGENT) and time.monotonic() < deadline:
@@ -351,8 +422,11 @@ def test_packet_path_allows_admitted_destinations_and_counts_remembers_and_drops
     internet.ip("addr", "add", "198.51.100.1/24", "dev", "eth0")
     internet.ip("addr", "add", "203.0.113.7/32", "dev", "lo")
     assert app.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"]).returncode == 0
-    assert apply(app, ruleset.replace_table(UPLINK, [AGENT])) is None
-    assert apply(app, ruleset.admit(AGENT, [(IPv4Address("203.0.113.7"), 443, 60)])) is None
+    assert apply(app, ruleset.replace_table(UPLINK, [AGENT, OTHER])) is None
+    # OTHER may reach 203.0.113.7:8443; that element is keyed by OTHER's interface and does nothing for AGENT.
+    assert (
+        apply(app, ruleset.admit([grant(AGENT, "203.0.113.7", 443, 60), grant(OTHER, "203.0.113.7", 8443, 60)])) is None
+    )
 
     server = subprocess.Popen(
         ["ip", "netns", "exec", internet.name, PYTHON, "-c", _LISTEN, "203.0.113.7", "443"],
@@ -364,6 +438,7 @@ def test_packet_path_allows_admitted_destinations_and_counts_remembers_and_drops
         targets = [
             "tcp:203.0.113.7:443",  # admitted
             "tcp:203.0.113.7:80",  # admitted address, other port
+            "tcp:203.0.113.7:8443",  # admitted for the other agent only
             "udp:203.0.113.8:5353",  # never admitted
             "tcp:169.254.169.254:80",  # metadata
             "tcp:10.200.1.1:22",  # an appliance service on the gateway
@@ -377,6 +452,7 @@ def test_packet_path_allows_admitted_destinations_and_counts_remembers_and_drops
     assert result == {
         "tcp:203.0.113.7:443": "connected",
         "tcp:203.0.113.7:80": "TimeoutError",
+        "tcp:203.0.113.7:8443": "TimeoutError",
         "udp:203.0.113.8:5353": "sent",
         "tcp:169.254.169.254:80": "TimeoutError",
         "tcp:10.200.1.1:22": "TimeoutError",
@@ -385,18 +461,21 @@ def test_packet_path_allows_admitted_destinations_and_counts_remembers_and_drops
     assert peer == "198.51.100.2", "agent traffic leaves masqueraded as the uplink address"
 
     found = objects(app.table())
-    denied = {
-        (e["elem"]["val"]["concat"][0], e["elem"]["val"]["concat"][1]): e["elem"]["expires"]
-        for e in found[("set", AGENT.denied_set)]["elem"]
+    denied = set_elements(app, ruleset.DENIED_SET, AGENT)
+    assert set(denied) == {
+        ("203.0.113.7", 80),
+        ("203.0.113.7", 8443),
+        ("203.0.113.8", 5353),
+        ("169.254.169.254", 80),
+        ("10.200.1.1", 22),
     }
-    assert set(denied) == {("203.0.113.7", 80), ("203.0.113.8", 5353), ("169.254.169.254", 80), ("10.200.1.1", 22)}
+    assert set_elements(app, ruleset.DENIED_SET, OTHER) == {}
     assert all(defaults.DENIED_TIMEOUT_S - 30 <= v <= defaults.DENIED_TIMEOUT_S for v in denied.values())
-    assert found[("counter", AGENT.dropped_counter)]["packets"] >= 4
-    assert found[("counter", AGENT.accepted_counter)]["packets"] >= 3  # SYN, ACK, ... and the DNS SYN
 
+    def packets(counting: str) -> dict[str, int]:
+        return {e["elem"]["val"]: e["elem"]["counter"]["packets"] for e in found[("set", counting)]["elem"]}
 
-@pytest.mark.parametrize("agent", ["bot", "x" * 64, "a-b_c"])
-def test_agent_ids_are_stable_short_hex(agent: str) -> None:
-    assert ruleset.agent_id(agent) == ruleset.agent_id(agent)
-    assert len(ruleset.agent_id(agent)) == 12 and int(ruleset.agent_id(agent), 16) >= 0
-    assert ruleset.agent_id(agent) != ruleset.agent_id(agent + "x")
+    dropped, accepted = packets(ruleset.DROPPED_SET), packets(ruleset.ACCEPTED_SET)
+    assert dropped[AGENT.interface] >= 5
+    assert accepted[AGENT.interface] >= 3  # SYN, ACK, ... and the DNS SYN
+    assert dropped[OTHER.interface] == accepted[OTHER.interface] == 0  # each agent's packets count for it alone
