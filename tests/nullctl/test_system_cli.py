@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +123,29 @@ def test_egress_not_running(appliance: Appliance) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("nullctl: egress is not running (")
     assert "nullctl service list" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+_WITHOUT_ASYNCIO = """
+import runpy, sys
+sys.argv = ["nullctl", *sys.argv[1:]]
+try:
+    runpy.run_module("nullctl", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+loaded = type(sys.modules.get("asyncio")).__name__
+sys.stderr.write(f"exit {code}; asyncio {loaded}; ssl {'ssl' in sys.modules}\\n")
+"""
+
+
+def test_a_command_runs_without_importing_asyncio(appliance: Appliance) -> None:
+    """nullbox.wire's servers need asyncio; nullctl's blocking client does not, and asyncio + ssl are most of a
+    command's start-up (bench/nullctl_bench.py (3)): it stays a stand-in that was never used."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ASYNCIO, "--connect", appliance.address, "--json", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(done.stdout)["nulld"]["mode"] == "subreaper"
+    assert done.stderr.splitlines()[-1] == "exit 0; asyncio _Deferred; ssl False"
