@@ -25,10 +25,12 @@ lint: deps
 typecheck: deps
 	$(BIN)/mypy
 
-unit: deps
+# the e2e boots and the agent-VM tests use the NullBox kernels: built first (cached by source, fragment, builder)
+unit: deps kernel
 	$(BIN)/pytest
 
-image: deps
+# the image boots the NullBox appliance kernel when it is built and up to date (image/bootkernel.py): build it first
+image: deps kernel
 	$(BIN)/python -m image.build
 
 kernel: deps
@@ -39,6 +41,7 @@ bench: deps
 	$(BIN)/python -m bench.egress_bench
 	$(BIN)/python -m bench.nulld_bench
 	$(BIN)/python -m bench.image_bench
+	$(BIN)/python -m bench.kernel_bench
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

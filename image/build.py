@@ -3,11 +3,16 @@
 Steps run in order; each is skipped when the digest of its inputs (its own declared files, the steps before
 it, and SOURCE_DATE_EPOCH) matches the one recorded when its outputs were last built and the outputs exist.
 
-    kernel    Debian's kernel package -> build/kernel/{vmlinuz,version,modules/}
-    rootfs    mkosi tree, nullbox installed, trimmed -> build/rootfs/
-    squashfs  build/rootfs -> build/rootfs.squashfs (+ .sha256)
-    initrd    busybox initramfs that verifies and mounts the squashfs -> build/initrd.img
-    iso       grub-mkrescue, BIOS + UEFI -> build/nullbox.iso
+    kernel      Debian's kernel package -> build/kernel/{vmlinuz,version,modules/}
+    rootfs      mkosi tree, nullbox installed, trimmed -> build/rootfs/
+    squashfs    build/rootfs -> build/rootfs.squashfs (+ .sha256)
+    bootkernel  the kernel the appliance boots: the NullBox one when built (make kernel), else Debian's
+                -> build/boot/{vmlinuz,config,version,kernel.json}
+    initrd      busybox initramfs that verifies and mounts the squashfs -> build/initrd.img
+    iso         grub-mkrescue, BIOS + UEFI -> build/nullbox.iso
+
+A step module may also define ``identity(ctx) -> str``: something its digest covers besides files (bootkernel:
+which kernel was chosen, and which build of it), computed every run.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Final
 
+from image.bootkernel import CHOICES
 from image.context import Context, context_from_env
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -34,15 +41,15 @@ class Step:
     module: str
     outputs: tuple[str, ...]  # relative to build/
 
-    def load(self) -> tuple[list[str], Callable[[Context], None]]:
-        module = importlib.import_module(self.module)
-        return list(module.INPUTS), module.build
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
 
 
 STEPS: Final = (
     Step("kernel", "image.kernel", ("kernel/vmlinuz", "kernel/version", "kernel/modules")),
     Step("rootfs", "image.rootfs", ("rootfs",)),
     Step("squashfs", "image.squashfs", ("rootfs.squashfs", "rootfs.squashfs.sha256")),
+    Step("bootkernel", "image.bootkernel", ("boot/vmlinuz", "boot/config", "boot/version", "boot/kernel.json")),
     Step("initrd", "image.initrd", ("initrd.img",)),
     Step("iso", "image.iso", ("nullbox.iso",)),
 )
@@ -76,8 +83,11 @@ def run(ctx: Context, wanted: list[str], force: bool) -> dict[str, str]:
     chain = f"epoch={ctx.source_date_epoch}"
     report: dict[str, str] = {}
     for step in STEPS[: last + 1]:
-        inputs, build = step.load()
-        digest = digest_inputs(ctx.repo, [*inputs, f"image/{step.module.split('.')[-1]}.py"], chain)
+        module = step.load()
+        build: Callable[[Context], None] = module.build
+        identity: Callable[[Context], str] | None = getattr(module, "identity", None)
+        extra = chain if identity is None else f"{chain}|identity={identity(ctx)}"
+        digest = digest_inputs(ctx.repo, [*module.INPUTS, f"image/{step.module.split('.')[-1]}.py"], extra)
         stamp = stamps / f"{step.name}.json"
         recorded = json.loads(stamp.read_text()).get("digest") if stamp.exists() else None
         outputs_exist = all((ctx.out / o).exists() for o in step.outputs)
@@ -103,18 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m image.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("steps", nargs="*", help=f"build up to these steps ({', '.join(s.name for s in STEPS)})")
     parser.add_argument("--force", action="store_true", help="rebuild even what is up to date")
+    parser.add_argument(
+        "--kernel",
+        choices=CHOICES,
+        default="auto",
+        help="the kernel the appliance boots (default auto: the NullBox kernel when built and up to date)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.steps) - {s.name for s in STEPS})
     if unknown:
         parser.error(f"unknown step {unknown[0]!r}")
-    ctx = context_from_env(REPO)
+    ctx = context_from_env(REPO, args.kernel)
     try:
         report = run(ctx, args.steps, args.force)
     except Exception as exc:  # one clear line; the failing command's own output is above it
         ctx.log(f"FAILED: {exc}")
         return 1
     for name, status in report.items():
-        ctx.log(f"{name:9} {status}")
+        ctx.log(f"{name:10} {status}")
     return 0
 
 

@@ -19,6 +19,7 @@ class Context:
     out: Path  # build/
     source_date_epoch: int = DEFAULT_SOURCE_DATE_EPOCH
     started: float = field(default_factory=time.monotonic)
+    kernel: str = "auto"  # which kernel the appliance boots: auto, nullbox or debian (image.bootkernel)
 
     def log(self, message: str) -> None:
         print(f"[image {time.monotonic() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
@@ -35,6 +36,6 @@ class Context:
         return subprocess.run(argv, cwd=cwd, env=self.env(), check=True, capture_output=True, text=True).stdout
 
 
-def context_from_env(repo: Path) -> Context:
+def context_from_env(repo: Path, kernel: str = "auto") -> Context:
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH))
-    return Context(repo=repo, out=repo / "build", source_date_epoch=epoch)
+    return Context(repo=repo, out=repo / "build", source_date_epoch=epoch, kernel=kernel)

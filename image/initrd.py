@@ -1,13 +1,15 @@
 """Build step: the busybox initramfs that verifies and mounts the SquashFS root -> build/initrd.img.
 
 Contents: the host's static busybox (package busybox-static) with every applet as a symlink, /init
-(image/initramfs/init), the few kernel modules the boot and the appliance's devices need (listed below, plus their
-dependencies from each module's .modinfo, in load order in /lib/modules/<ver>/nullbox.load{,-late}), and the expected
-SHA-256 and size of build/rootfs.squashfs in /etc/nullbox/.
+(image/initramfs/init), the expected SHA-256 and size of build/rootfs.squashfs in /etc/nullbox/, and, only when the
+kernel the bootkernel step chose has loadable modules (Debian's), the few modules the boot and the appliance's
+devices need (listed below, plus their dependencies from each module's .modinfo, in load order in
+/lib/modules/<ver>/nullbox.load{,-late}).  The NullBox kernel has everything built in: no lib/modules at all.
 
 The archive is newc cpio written here (no host cpio, no root needed for /dev/console): entries sorted, every
 mtime = SOURCE_DATE_EPOCH, owner 0:0, inode numbers in order, so the same inputs give the same bytes.  It is
-compressed with zstd when the kernel has CONFIG_RD_ZSTD (Debian's has), else gzip with a zero mtime.
+compressed with zstd when the chosen kernel's .config has CONFIG_RD_ZSTD (Debian's and the NullBox one have), else
+gzip with a zero mtime.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
 
+from image.bootkernel import OUT as BOOT_DIR
+from image.bootkernel import staged
 from image.context import Context
 from image.kernel import sha256_file
 
-INPUTS: Final[list[str]] = ["image/initrd.py", "image/initramfs", "image/kernel.py"]
+INPUTS: Final[list[str]] = ["image/initrd.py", "image/initramfs", "image/kernel.py", "image/bootkernel.py"]
 BUSYBOX: Final = Path("/bin/busybox")  # Debian's busybox-static
 INIT_SCRIPT: Final = "image/initramfs/init"
 
@@ -312,7 +316,8 @@ class Inputs:
     busybox: bytes
     applets: list[str]  # `busybox --list-full`: "bin/sh", "sbin/insmod", ...
     kernel_version: str
-    modules: list[tuple[str, bool, bytes]]  # (path under lib/modules/<ver>, required, contents) in load order
+    # (path under lib/modules/<ver>, required, contents) in load order; none: no lib/modules in the archive at all
+    modules: list[tuple[str, bool, bytes]]
     rootfs_sha256: str
     rootfs_size: int
     late: frozenset[str] = frozenset()  # paths of the modules /init loads in the background
@@ -327,10 +332,6 @@ def load_kind(path: str, required: bool) -> str:
 def entries(inputs: Inputs) -> list[Entry]:
     if len(inputs.rootfs_sha256) != 64 or inputs.rootfs_sha256.strip("0123456789abcdef"):
         raise ValueError(f"bad rootfs SHA-256 {inputs.rootfs_sha256!r}")
-    moddir = f"lib/modules/{inputs.kernel_version}"
-    load = dict.fromkeys(("nullbox.load", "nullbox.load-late"), "")
-    for path, need, _ in inputs.modules:
-        load["nullbox.load-late" if path in inputs.late else "nullbox.load"] += f"{load_kind(path, need)} {path}\n"
     out = [
         regular("init", inputs.init, 0o755),
         regular("bin/busybox", inputs.busybox, 0o755),
@@ -339,9 +340,14 @@ def entries(inputs: Inputs) -> list[Entry]:
         *(directory(d) for d in ("proc", "sys", "run", "medium", "newroot", "tmp", "sbin", "usr/bin", "usr/sbin")),
         regular("etc/nullbox/rootfs.sha256", inputs.rootfs_sha256.encode() + b"\n"),
         regular("etc/nullbox/rootfs.size", b"%d\n" % inputs.rootfs_size),
-        *(regular(f"{moddir}/{name}", text.encode()) for name, text in load.items()),
-        *(regular(f"{moddir}/{path}", data) for path, _, data in inputs.modules),
     ]
+    if inputs.modules:
+        moddir = f"lib/modules/{inputs.kernel_version}"
+        load = dict.fromkeys(("nullbox.load", "nullbox.load-late"), "")
+        for path, need, _ in inputs.modules:
+            load["nullbox.load-late" if path in inputs.late else "nullbox.load"] += f"{load_kind(path, need)} {path}\n"
+        out += [regular(f"{moddir}/{name}", text.encode()) for name, text in load.items()]
+        out += [regular(f"{moddir}/{path}", data) for path, _, data in inputs.modules]
     for applet in sorted({a.strip("/") for a in inputs.applets} - {"", "bin/busybox"}):
         out.append(symlink(applet, "/bin/busybox"))
     return out
@@ -352,10 +358,22 @@ def initramfs(inputs: Inputs, mtime: int) -> bytes:
     return newc_archive(entries(inputs), mtime)
 
 
+def kernel_modules(module_tree: Path | None) -> tuple[list[tuple[str, bool, bytes]], frozenset[str]]:
+    """(modules in load order, the late ones) from a kernel's unpacked lib/modules/<ver>; none without a tree."""
+    if module_tree is None:
+        return [], frozenset()
+    tree = ModuleTree.scan(module_tree)
+    boot = {path for path, _ in load_order(tree, BOOT_MODULES)}
+    order = load_order(tree, BOOT_MODULES + LATE_MODULES)  # the same walk: boot modules first
+    modules = [(path, need, (tree.root / path).read_bytes()) for path, need in order]
+    return modules, frozenset(path for path, _ in order if path not in boot)
+
+
 def build(ctx: Context) -> None:
-    kernel = ctx.out / "kernel"
-    version = (kernel / "version").read_text().strip()
-    config = (kernel / "deb" / "boot" / f"config-{version}").read_text()
+    boot = ctx.out / BOOT_DIR
+    version = (boot / "version").read_text().strip()
+    config = (boot / "config").read_text()
+    record, module_tree = staged(ctx.out)
     sha_file, squashfs = ctx.out / "rootfs.squashfs.sha256", ctx.out / "rootfs.squashfs"
     expected = sha_file.read_text().split()[0].lower()
     size = squashfs.stat().st_size
@@ -371,12 +389,10 @@ def build(ctx: Context) -> None:
         [str(BUSYBOX), "--list-full"], check=True, capture_output=True, text=True, env=ctx.env()
     ).stdout.split()
 
-    tree = ModuleTree.scan(kernel / "modules")
-    boot = {path for path, _ in load_order(tree, BOOT_MODULES)}
-    order = load_order(tree, BOOT_MODULES + LATE_MODULES)  # the same walk: boot modules first
-    modules = [(path, need, (tree.root / path).read_bytes()) for path, need in order]
+    modules, late = kernel_modules(module_tree)
     ctx.log(
-        f"initrd: {len(modules)} modules ({sum(len(m[2]) for m in modules) // 1024} KiB), busybox "
+        f"initrd: {record['kernel']} kernel {version}, {len(modules)} modules "
+        f"({sum(len(m[2]) for m in modules) // 1024} KiB), busybox "
         f"{len(busybox) // 1024} KiB, {len(applets)} applets, root sha256 {expected[:16]}..."
     )
     inputs = Inputs(
@@ -385,7 +401,7 @@ def build(ctx: Context) -> None:
         applets=applets,
         kernel_version=version,
         modules=modules,
-        late=frozenset(path for path, _ in order if path not in boot),
+        late=late,
         rootfs_sha256=expected,
         rootfs_size=size,
     )

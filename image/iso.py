@@ -2,7 +2,7 @@
 partition image), made by grub-mkrescue from:
 
   /boot/grub/grub.cfg          image/grub.cfg (serial console, timeout 1)
-  /boot/vmlinuz                build/kernel/vmlinuz
+  /boot/vmlinuz                build/boot/vmlinuz (the bootkernel step's choice: NullBox's or Debian's)
   /boot/initrd.img             build/initrd.img
   /nullbox/rootfs.squashfs     build/rootfs.squashfs
 
@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Final
 
+from image.bootkernel import OUT as BOOT_DIR
 from image.context import Context
 from image.kernel import fetch_deb
 
-INPUTS: Final[list[str]] = ["image/iso.py", "image/grub.cfg", "image/kernel.py"]
+INPUTS: Final[list[str]] = ["image/iso.py", "image/grub.cfg", "image/kernel.py", "image/bootkernel.py"]
 FAKETIME_PACKAGE: Final = "libfaketime"
 FAKETIME_LIBRARY: Final = "usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
@@ -35,7 +36,7 @@ def layout(ctx: Context) -> dict[str, Path]:
     """ISO path -> the file that goes there."""
     return {
         "boot/grub/grub.cfg": ctx.repo / "image" / "grub.cfg",
-        "boot/vmlinuz": ctx.out / "kernel" / "vmlinuz",
+        "boot/vmlinuz": ctx.out / BOOT_DIR / "vmlinuz",
         "boot/initrd.img": ctx.out / "initrd.img",
         "nullbox/rootfs.squashfs": ctx.out / "rootfs.squashfs",
     }

@@ -241,10 +241,11 @@ def fragment(variant: str) -> dict[str, str]:
     return parse_config(fragment_path(variant).read_text(), strict=True)
 
 
-def cache_key(variant: str, source: Source) -> dict[str, str]:
+def cache_key(variant: str, source: Source | str) -> dict[str, str]:
+    """(variant, source package version, fragment digest, this module's digest); ``source`` or its version."""
     return {
         "variant": variant,
-        "source": source.version,
+        "source": source if isinstance(source, str) else source.version,
         "fragment": sha256_file(fragment_path(variant)),
         "builder": sha256_file(Path(__file__)),
     }
@@ -331,10 +332,28 @@ def _compile(argv: list[str], env: dict[str, str], logfile: Path, what: str) -> 
         raise BuildError(f"{what} failed (status {status}); the end of {logfile}:\n{tail}")
 
 
+def is_built(variant: str, out: Path, source: Source | None = None) -> bool:
+    """Whether ``out`` holds a complete build of ``variant`` (build.json and every output) from today's fragment
+    and builder: of ``source`` when given, else of the source version the build recorded (no apt call, so users
+    of the outputs such as cage.guestimage can ask cheaply; apt offering a newer linux-source does not count)."""
+    try:
+        recorded = json.loads((out / "build.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict):
+        return False
+    version = source.version if source is not None else recorded.get("source")
+    return (
+        isinstance(version, str)
+        and recorded == cache_key(variant, version)
+        and all((out / name).is_file() for name in outputs(variant))
+    )
+
+
 def build(variant: str, source: Source, out: Path, *, jobs: int) -> None:
     """out/bzImage (+ vmlinux for the guest), compiled unless the last build had the same key."""
     key = cache_key(variant, source)
-    if _key_matches(out / "build.json", key) and all((out / name).is_file() for name in outputs(variant)):
+    if is_built(variant, out, source):
         log(f"{variant}: up to date ({(out / 'bzImage').stat().st_size // 1024} KiB bzImage)")
         return
     configure(variant, source, out)

@@ -9,7 +9,7 @@
 - The data disk, <state>/data.img by default, is created on the host on first use: 1 GiB sparse,
   ``mkfs.ext4 -L NULLBOX-DATA``.  The appliance never formats anything itself.
 - ``--uefi`` boots OVMF (its variable store copied to <state>/OVMF_VARS.fd); BIOS is SeaBIOS.
-- ``--direct`` skips firmware and the ISO: QEMU loads build/kernel/vmlinuz and build/initrd.img itself and the
+- ``--direct`` skips firmware and the ISO: QEMU loads build/boot/vmlinuz and build/initrd.img itself and the
   SquashFS is a read-only virtio disk with serial nullbox-root, named on the kernel command line by
   ``nullbox.root=serial:nullbox-root`` (see image/initramfs/init); ``--append`` adds to that command line
   (e.g. ``loglevel=7``, ``nullbox.onfail=halt``).
@@ -102,7 +102,7 @@ def qemu_argv(opts: Options, accel: Accel, *, vsock: bool | None = None) -> list
         argv += ["-drive", f"if=pflash,format=raw,unit=1,file={_v(opts.ovmf_vars)}"]
     if opts.direct:
         cmdline = f"{KERNEL_CMDLINE} nullbox.root=serial:{ROOT_SERIAL} {opts.append}".strip()
-        argv += ["-kernel", str(opts.build / "kernel" / "vmlinuz"), "-initrd", str(opts.build / "initrd.img")]
+        argv += ["-kernel", str(opts.build / "boot" / "vmlinuz"), "-initrd", str(opts.build / "initrd.img")]
         argv += ["-append", cmdline]
         argv += ["-drive", f"file={_v(opts.build / 'rootfs.squashfs')},format=raw,if=none,id=root,readonly=on"]
         argv += ["-device", f"virtio-blk-pci,drive=root,serial={ROOT_SERIAL}"]
@@ -148,7 +148,7 @@ def socket_is_live(path: Path) -> bool:
 def prepare(opts: Options) -> list[str]:
     """Check the inputs and create what the VM needs on the host; returns notes for the user."""
     notes: list[str] = []
-    needed = [opts.build / "kernel" / "vmlinuz", opts.build / "initrd.img", opts.build / "rootfs.squashfs"]
+    needed = [opts.build / "boot" / "vmlinuz", opts.build / "initrd.img", opts.build / "rootfs.squashfs"]
     needed = needed if opts.direct else [opts.iso_path]
     if opts.uefi:
         needed += [OVMF_CODE, OVMF_VARS]
@@ -202,7 +202,7 @@ def parse_args(argv: list[str]) -> tuple[Options, str, bool]:
     parser = argparse.ArgumentParser(prog="qemu/run", description=__doc__.split("\n\n")[0].split(": ")[0])
     media = parser.add_mutually_exclusive_group()
     media.add_argument("--iso", type=Path, help="the ISO to boot (default: build/nullbox.iso)")
-    media.add_argument("--direct", action="store_true", help="boot build/kernel/vmlinuz + build/initrd.img directly")
+    media.add_argument("--direct", action="store_true", help="boot build/boot/vmlinuz + build/initrd.img directly")
     parser.add_argument("--uefi", action="store_true", help="boot with OVMF instead of SeaBIOS")
     parser.add_argument("--log", type=Path, help="also write the serial console to this file")
     disk = parser.add_mutually_exclusive_group()

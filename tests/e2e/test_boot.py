@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,18 @@ import pytest
 
 from nullbox.wire import WireError
 from tests.e2e.conftest import Appliance
+
+# The initramfs's first line names the running kernel (uname -r); the next says so when it cannot load modules.
+KERNEL_LINE = re.compile(r"NullBox: initramfs started, kernel (\S+) ")
+NO_MODULES = "NullBox: kernel without loadable modules: everything is built in, nothing to load"
+
+
+def assert_nullbox_kernel(console: str) -> None:
+    """The appliance booted the NullBox kernel (built in, no module support), not Debian's with its modules."""
+    releases = KERNEL_LINE.findall(console)
+    assert releases and all(r.endswith("-nullbox") for r in releases), (releases, console[-4000:])
+    assert console.count(NO_MODULES) == len(releases), console[-4000:]  # /proc/modules absent: CONFIG_MODULES off
+    assert not re.search(r"NullBox: loaded \d+ .* modules", console), console[-4000:]
 
 
 def test_boot_put_reboot_and_the_data_survives(image: Path, boot_dir: Path) -> None:
@@ -40,8 +53,9 @@ def test_boot_put_reboot_and_the_data_survives(image: Path, boot_dir: Path) -> N
         )
         assert all(e["monotonic_s"] > 0 for e in events)  # monotonic since kernel boot
 
-        # egress's table is in force on the appliance's kernel (every module its rules use loaded by the initramfs:
-        # a required module that fails says so on the console), and its API answers through nulld's front door.
+        # egress's table is in force on the appliance's kernel (everything its rules use is built into the NullBox
+        # kernel; with Debian's, the initramfs loads it and says so when a required module fails), and its API
+        # answers through nulld's front door.
         assert "cannot load" not in box.console(), box.console()
         egress = box.call("egress.status")
         assert (egress["table"], egress["uplink"], egress["agents"]) == ("inet nullbox", "eth0", []), egress
@@ -70,12 +84,14 @@ def test_boot_put_reboot_and_the_data_survives(image: Path, boot_dir: Path) -> N
     finally:
         box.close()
     assert "root image verified" in box.console()
+    assert_nullbox_kernel(box.console())
+    assert len(KERNEL_LINE.findall(box.console())) == 2  # both boots
 
 
 def test_a_flipped_byte_in_the_root_refuses_to_boot(image: Path, boot_dir: Path) -> None:
     build = boot_dir / "build"
-    (build / "kernel").mkdir(parents=True)
-    os.symlink(image / "kernel" / "vmlinuz", build / "kernel" / "vmlinuz")
+    (build / "boot").mkdir(parents=True)
+    os.symlink(image / "boot" / "vmlinuz", build / "boot" / "vmlinuz")
     os.symlink(image / "initrd.img", build / "initrd.img")
     corrupt = build / "rootfs.squashfs"
     shutil.copyfile(image / "rootfs.squashfs", corrupt)
@@ -92,6 +108,7 @@ def test_a_flipped_byte_in_the_root_refuses_to_boot(image: Path, boot_dir: Path)
     console = box.console()
     assert "root image verification FAILED" in console and "refusing to boot" in console
     assert "switching to the verified root" not in console
+    assert_nullbox_kernel(console)
 
 
 def test_uefi_boot(image: Path, boot_dir: Path) -> None:
@@ -104,3 +121,4 @@ def test_uefi_boot(image: Path, boot_dir: Path) -> None:
         box.wait_exit()
     finally:
         box.close()
+    assert_nullbox_kernel(box.console())  # GRUB's UEFI path boots the bzImage through its EFI stub

@@ -137,7 +137,7 @@ def test_direct_argv(tmp_path: Path) -> None:
     opts = _opts(tmp_path, direct=True, no_data_disk=True, memory=512, append="loglevel=7", extra=["-no-reboot"])
     argv = runner.qemu_argv(opts, Accel("kvm", ("test",)), vsock=False)
     build = tmp_path / "build"
-    assert _values(argv, "-kernel") == [f"{build}/kernel/vmlinuz"]
+    assert _values(argv, "-kernel") == [f"{build}/boot/vmlinuz"]
     assert _values(argv, "-initrd") == [f"{build}/initrd.img"]
     (cmdline,) = _values(argv, "-append")
     assert "console=ttyS0,115200" in cmdline.split()
@@ -339,6 +339,14 @@ def test_initramfs_archive_is_reproducible_and_well_formed() -> None:
     assert by_name[f"{moddir}/nullbox.load-late"][5] == b"want:vmx kernel/x/kvm-intel.ko\n"
     assert by_name[f"{moddir}/kernel/a.ko"][5] == b"AAAAA"
     assert gzip.compress(first, mtime=0) == gzip.compress(first, mtime=0)
+
+
+def test_initramfs_for_a_kernel_without_modules_has_no_lib_modules() -> None:
+    """The NullBox kernel has everything built in: no module lists, no .ko files, no lib/modules directory."""
+    members = {m[0]: m for m in _read_newc(initrd.initramfs(_inputs(["bin/sh", "sbin/insmod"], modules=[]), EPOCH))}
+    assert not [name for name in members if name == "lib" or name.startswith("lib/")]
+    assert {"init", "bin/busybox", "etc/nullbox/rootfs.sha256", "dev/console"} <= set(members)
+    assert initrd.kernel_modules(None) == ([], frozenset())
 
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio is not installed")
