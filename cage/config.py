@@ -3,8 +3,8 @@
 ```toml
 [backend]
 kind = "auto"                                   # auto | qemu | libkrun (auto: libkrun when usable, else QEMU)
-kernel = "/usr/lib/nullbox/guest/vmlinux"       # QEMU backend: guest kernel and initramfs (cage.guestimage)
-initramfs = "/usr/lib/nullbox/guest/initrd.img"
+kernel = "/usr/lib/nullbox/guest/vmlinux"       # QEMU backend: guest kernel and initramfs, cage.guestimage's
+initramfs = "/usr/lib/nullbox/guest/initrd.img" # guest_files() (the NullBox guest kernel when it is built)
 libkrun = "/usr/lib/x86_64-linux-gnu/libkrun.so.1"   # optional: where libkrun is (default: the loader's search)
 stop_timeout_s = 5                              # each step of a stop: power-down request, SIGTERM (then SIGKILL)
 vmm_overhead_mb = 128                           # added to max_memory_mb for the cgroup's memory.max

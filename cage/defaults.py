@@ -18,7 +18,10 @@ CTXGRAPH_SOCKET: Final = Path("/run/nullbox/ctxgraph.sock")  # the admin socket
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 CGROUP_PARENT: Final = Path("nullbox/agents")
 
-# The guest kernel and initramfs for the QEMU backend (cage.guestimage builds them; the image ships them here).
+# The guest kernel and initramfs for the QEMU backend (cage.toml backend.kernel / backend.initramfs): where the image
+# is to ship what cage.guestimage.guest_files() gives at build time, i.e. the NullBox guest kernel's PVH vmlinux and
+# its module-less initramfs when that kernel is built (kernel.build guest), else Debian's extracted vmlinux and an
+# initramfs carrying its modules.  The image does not ship them yet (docs/cage.md, "Not done yet").
 GUEST_KERNEL: Final = Path("/usr/lib/nullbox/guest/vmlinux")
 GUEST_INITRAMFS: Final = Path("/usr/lib/nullbox/guest/initrd.img")
 

@@ -1,19 +1,31 @@
-"""Build-time pieces of an agent VM, besides the appliance's kernel: the guest initramfs and the agent's read-only
-root image.  (The per-boot config disk is written at run time by cage.qemu, which must not import image.*: the
+"""Build-time pieces of an agent VM: the guest kernel to boot, the guest initramfs and the agent's read-only root
+image.  (The per-boot config disk is written at run time by cage.qemu, which must not import image.*: the
 appliance ships cage but not the image build.)
 
-- ``build_initramfs()``: cage/guest/init + the host's static busybox (every applet a symlink) + the few modules the
-  guest needs, as a newc cpio made by image.initrd's writer (same ordering, owners and mtimes, so the same inputs
-  give the same bytes), compressed like the appliance's initrd.  Cached under build/cage/ by the digest of the
-  uncompressed archive: a rebuild with unchanged inputs only re-reads a few MB and returns the cached file.
-- ``boot_kernel()``: what to give QEMU's -kernel.  The appliance's bzImage decompresses its own XZ payload before
-  the kernel starts, which under TCG costs about 2.5 s of every boot; when the kernel has CONFIG_PVH=y, QEMU can
-  load the uncompressed ELF vmlinux through its PVH entry point instead (microvm supports it), so the payload is
-  extracted once into build/cage/vmlinux-<digest>.  Falls back to the bzImage when that is not possible.
+Two guest kernels, chosen by :class:`KernelKind` (every function below takes ``kernel``; None means
+``choose_kernel()``: the NullBox guest kernel when kernel.build has built it and it is up to date, else Debian's):
+  NULLBOX  build/kernel-nullbox/guest/ (``python -m kernel.build guest``): made for cage's microvm, everything the
+           guest needs built in, CONFIG_MODULES off.  QEMU boots its ``vmlinux`` through the PVH note as it is.
+  DEBIAN   build/kernel/ (``python -m image.build kernel``): Debian's appliance kernel; the guest initramfs carries
+           the modules of MODULE_LISTS and QEMU boots its payload, extracted from the bzImage.
+
+- ``boot_kernel()``: what to give QEMU's -kernel.  A bzImage decompresses its own payload before the kernel starts,
+  which under TCG costs about 2.5 s of every boot for Debian's XZ one; when the kernel has CONFIG_PVH=y QEMU can
+  load the uncompressed ELF vmlinux through its PVH entry point instead (microvm supports it).  NULLBOX: kernel.build
+  leaves that vmlinux next to the bzImage.  DEBIAN: the XZ payload is extracted once into
+  build/cage/vmlinux-<digest>.  Either falls back to the bzImage when there is no PVH vmlinux.
+- ``build_initramfs()``: cage/guest/init + the host's static busybox (every applet a symlink) + for DEBIAN the few
+  modules the guest needs (none for NULLBOX), as a newc cpio made by image.initrd's writer (same ordering, owners
+  and mtimes, so the same inputs give the same bytes), compressed as that kernel's .config allows (zstd with
+  CONFIG_RD_ZSTD, else gzip).  Cached under build/cage/ as guest-initrd-<kind>-<digest>.img, the digest covering
+  the archive, the kernel release and the compression: a rebuild with unchanged inputs only re-reads a few MB.
+- ``guest_files()``: both of the above, what a QemuVM (and the appliance's /usr/lib/nullbox/guest/) needs.
+- ``static_busybox()``: the host's static busybox and its applet paths (the initramfs's, and agent roots' shell).
 - ``pack_rootfs()``: an agent's rootfs directory -> a SquashFS image (the guest mounts it read-only under a tmpfs
   overlay; an ext4 image works too).
 
-Guest modules (see cage/guest/init for when each list is loaded):
+Guest modules, DEBIAN only (see cage/guest/init for when each list is loaded; a kernel without module support, such
+as NULLBOX, has them built in: kernel/guest.config, checked against these lists by tests/kernel):
   nullbox.load        virtio-mmio (microvm's transport), virtio-blk, virtio-console (virtio-serial), virtio-net,
                       squashfs, overlayfs; the ACPI button and evdev (the power button: a polite stop)
   nullbox.load-ext4   ext4 and its checksums, only when the root image is not a SquashFS
@@ -22,6 +34,7 @@ Guest modules (see cage/guest/init for when each list is loaded):
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import lzma
 import struct
@@ -48,6 +61,7 @@ from image.initrd import (
     regular,
     symlink,
 )
+from kernel import build as kernel_build
 
 REPO: Final = Path(__file__).resolve().parent.parent
 BUILD: Final = REPO / "build"
@@ -76,26 +90,67 @@ MODULE_LISTS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
 # ------------------------------------------------------------------------------------------------------- kernel
 
 
+class KernelKind(enum.StrEnum):
+    """Which guest kernel an agent VM boots."""
+
+    NULLBOX = "nullbox"  # build/kernel-nullbox/guest: kernel.build's guest variant, no modules
+    DEBIAN = "debian"  # build/kernel: Debian's appliance kernel from image.build, modules in the initramfs
+
+
+NULLBOX_VARIANT: Final = "guest"  # kernel.build's variant for agent VMs
+
+
+def nullbox_dir(build: Path = BUILD) -> Path:
+    return kernel_build.variant_dir(NULLBOX_VARIANT, build)
+
+
+def choose_kernel(build: Path = BUILD) -> KernelKind:
+    """NULLBOX when kernel.build has a complete, up-to-date build of the guest kernel in ``build``, else DEBIAN."""
+    return KernelKind.NULLBOX if kernel_build.is_built(NULLBOX_VARIANT, nullbox_dir(build)) else KernelKind.DEBIAN
+
+
 @dataclass(frozen=True)
 class GuestKernel:
-    """The appliance's kernel as image.kernel unpacked it under build/kernel/."""
+    """A guest kernel as its build left it: kernel.build's guest variant, or Debian's as image.kernel unpacked it."""
 
-    vmlinuz: Path
-    version: str
-    modules: Path
-    config: str
+    kind: KernelKind
+    vmlinuz: Path  # the bzImage
+    version: str  # its release (uname -r)
+    config: str  # its .config
+    modules: Path | None  # DEBIAN: the unpacked /lib/modules/<version>; NULLBOX has none
+    vmlinux: Path | None = None  # NULLBOX: the uncompressed ELF kernel kernel.build left next to the bzImage
 
     @classmethod
-    def from_build(cls, build: Path = BUILD) -> GuestKernel:
+    def from_build(cls, build: Path = BUILD, kernel: KernelKind | None = None) -> GuestKernel:
+        kind = choose_kernel(build) if kernel is None else KernelKind(kernel)
+        return cls._nullbox(build) if kind is KernelKind.NULLBOX else cls._debian(build)
+
+    @classmethod
+    def _nullbox(cls, build: Path) -> GuestKernel:
+        out = nullbox_dir(build)
+        if not kernel_build.is_built(NULLBOX_VARIANT, out):
+            raise FileNotFoundError(
+                f"{out} holds no complete, up-to-date build of the NullBox guest kernel: python -m kernel.build guest"
+            )
+        version = (out / "version").read_text().strip()
+        return cls(KernelKind.NULLBOX, out / "bzImage", version, (out / ".config").read_text(), None, out / "vmlinux")
+
+    @classmethod
+    def _debian(cls, build: Path) -> GuestKernel:
         kernel = build / "kernel"
         try:
             version = (kernel / "version").read_text().strip()
             config = (kernel / "deb" / "boot" / f"config-{version}").read_text()
         except FileNotFoundError as exc:
             raise FileNotFoundError(
-                f"{exc.filename} is missing: build the kernel first (python -m image.build)"
+                f"{exc.filename} is missing: build the kernel first (python -m image.build kernel)"
             ) from exc
-        return cls(kernel / "vmlinuz", version, kernel / "modules", config)
+        return cls(KernelKind.DEBIAN, kernel / "vmlinuz", version, config, kernel / "modules")
+
+    @property
+    def has_pvh(self) -> bool:
+        """Built with CONFIG_PVH=y: QEMU can boot its uncompressed vmlinux directly."""
+        return "\nCONFIG_PVH=y" in "\n" + self.config
 
 
 XZ_MAGIC: Final = b"\xfd7zXZ\x00"
@@ -117,25 +172,28 @@ def has_pvh_entry(elf: bytes) -> bool:
     return False
 
 
-def boot_kernel(build: Path = BUILD) -> Path:
-    """build/cage/vmlinux-<digest> (the uncompressed PVH kernel, extracted when missing), else build/kernel/vmlinuz."""
-    kernel = GuestKernel.from_build(build)
-    if "\nCONFIG_PVH=y" not in "\n" + kernel.config:
-        return kernel.vmlinuz
-    bzimage = kernel.vmlinuz.read_bytes()
+def boot_kernel(build: Path = BUILD, kernel: KernelKind | None = None) -> Path:
+    """The uncompressed PVH kernel when there is one (NULLBOX: its vmlinux; DEBIAN: build/cage/vmlinux-<digest>,
+    extracted when missing), else the bzImage."""
+    guest = GuestKernel.from_build(build, kernel)
+    if not guest.has_pvh:
+        return guest.vmlinuz
+    if guest.vmlinux is not None:
+        return guest.vmlinux if has_pvh_entry(guest.vmlinux.read_bytes()) else guest.vmlinuz
+    bzimage = guest.vmlinuz.read_bytes()
     out = build / CACHE_DIR
     target = out / f"vmlinux-{hashlib.sha256(bzimage).hexdigest()[:16]}"
     if target.is_file():
         return target
     start = bzimage.find(XZ_MAGIC)
     if start < 0:
-        return kernel.vmlinuz  # not an XZ payload (Debian's is); the bzImage boots anyway, only slower
+        return guest.vmlinuz  # not an XZ payload (Debian's is); the bzImage boots anyway, only slower
     try:
         elf = lzma.LZMADecompressor().decompress(bzimage[start:])
     except lzma.LZMAError:
-        return kernel.vmlinuz
+        return guest.vmlinuz
     if not has_pvh_entry(elf):
-        return kernel.vmlinuz
+        return guest.vmlinuz
     out.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     partial.write_bytes(elf)
@@ -149,7 +207,8 @@ def boot_kernel(build: Path = BUILD) -> Path:
 # ---------------------------------------------------------------------------------------------------- initramfs
 
 
-def _busybox() -> tuple[bytes, list[str]]:
+def static_busybox() -> tuple[bytes, list[str]]:
+    """The host's static busybox (Debian's busybox-static) and the paths of its applets (``--list-full``)."""
     if not BUSYBOX.is_file():
         raise FileNotFoundError(f"{BUSYBOX} is missing: apt-get install busybox-static")
     data = BUSYBOX.read_bytes()
@@ -160,11 +219,11 @@ def _busybox() -> tuple[bytes, list[str]]:
 
 
 def initramfs_entries(
-    init: bytes, busybox: bytes, applets: Sequence[str], version: str, tree: ModuleTree
+    init: bytes, busybox: bytes, applets: Sequence[str], version: str, tree: ModuleTree | None
 ) -> list[Entry]:
-    """The guest initramfs: /init, busybox and its applets, device nodes the kernel needs before devtmpfs, and the
-    modules of MODULE_LISTS with one load list each (``need PATH`` / ``want PATH``, dependencies first)."""
-    moddir = f"lib/modules/{version}"
+    """The guest initramfs: /init, busybox and its applets, device nodes the kernel needs before devtmpfs, and,
+    given a module tree, the modules of MODULE_LISTS with one load list each (``need PATH`` / ``want PATH``,
+    dependencies first).  Without one (a kernel with everything built in) there is no /lib/modules at all."""
     out = [
         regular("init", init, 0o755),
         regular("bin/busybox", busybox, 0o755),
@@ -172,6 +231,14 @@ def initramfs_entries(
         chardev("dev/null", 1, 3, 0o666),
         *(directory(d) for d in ("proc", "sys", "run", "tmp", "lower", "overlay", "newroot", "sbin", "usr/bin")),
     ]
+    if tree is not None:
+        out += _module_entries(f"lib/modules/{version}", tree)
+    out += [symlink(a, "/bin/busybox") for a in sorted({a.strip("/") for a in applets} - {"", "bin/busybox"})]
+    return out
+
+
+def _module_entries(moddir: str, tree: ModuleTree) -> list[Entry]:
+    out: list[Entry] = []
     seen: set[str] = set()
     for list_name, wanted in MODULE_LISTS.items():
         lines = ""
@@ -182,23 +249,22 @@ def initramfs_entries(
             lines += f"{'need' if need else 'want'} {path}\n"
             out.append(regular(f"{moddir}/{path}", (tree.root / path).read_bytes()))
         out.append(regular(f"{moddir}/{list_name}", lines.encode()))
-    out += [symlink(a, "/bin/busybox") for a in sorted({a.strip("/") for a in applets} - {"", "bin/busybox"})]
     return out
 
 
-def build_initramfs(build: Path = BUILD, *, epoch: int | None = None) -> Path:
-    """build/cage/guest-initrd-<digest>.img, built when missing; returns its path."""
-    kernel = GuestKernel.from_build(build)
+def build_initramfs(build: Path = BUILD, kernel: KernelKind | None = None, *, epoch: int | None = None) -> Path:
+    """build/cage/guest-initrd-<kind>-<digest>.img for that kernel, built when missing; returns its path."""
+    guest = GuestKernel.from_build(build, kernel)
     ctx = Context(repo=REPO, out=build) if epoch is None else Context(repo=REPO, out=build, source_date_epoch=epoch)
-    busybox, applets = _busybox()
-    entries = initramfs_entries(
-        (GUEST_DIR / "init").read_bytes(), busybox, applets, kernel.version, ModuleTree.scan(kernel.modules)
-    )
+    busybox, applets = static_busybox()
+    tree = None if guest.modules is None else ModuleTree.scan(guest.modules)
+    entries = initramfs_entries((GUEST_DIR / "init").read_bytes(), busybox, applets, guest.version, tree)
     archive = newc_archive(entries, ctx.source_date_epoch)
-    method = kernel_compression(kernel.config)
-    digest = hashlib.sha256(archive + method.encode()).hexdigest()[:16]
+    method = kernel_compression(guest.config)
+    digest = hashlib.sha256(f"{guest.kind} {guest.version} {method}\n".encode() + archive).hexdigest()[:16]
     out = build / CACHE_DIR
-    target = out / f"guest-initrd-{digest}.img"
+    prefix = f"guest-initrd-{guest.kind}-"
+    target = out / f"{prefix}{digest}.img"
     if target.is_file():
         return target
     out.mkdir(parents=True, exist_ok=True)
@@ -206,13 +272,23 @@ def build_initramfs(build: Path = BUILD, *, epoch: int | None = None) -> Path:
         partial = Path(scratch) / target.name
         partial.write_bytes(compress(archive, method, ctx, Path(scratch)))
         partial.replace(target)
+    others = tuple(f"guest-initrd-{kind}-" for kind in KernelKind if kind is not guest.kind)
     for stale in out.glob("guest-initrd-*.img"):
-        if stale != target:
+        if stale != target and not stale.name.startswith(others):  # another kernel's initramfs stays
             stale.unlink(missing_ok=True)
     ctx.log(
-        f"cage: guest initramfs {target.name}: {len(archive) // 1024} KiB cpio -> {target.stat().st_size // 1024} KiB"
+        f"cage: guest initramfs {target.name} ({guest.kind} {guest.version}): {len(archive) // 1024} KiB cpio -> "
+        f"{target.stat().st_size // 1024} KiB"
     )
     return target
+
+
+def guest_files(
+    build: Path = BUILD, kernel: KernelKind | None = None, *, epoch: int | None = None
+) -> tuple[Path, Path]:
+    """(kernel to boot, initramfs) for a QemuVM: ``boot_kernel`` and ``build_initramfs`` of the same kernel."""
+    kind = choose_kernel(build) if kernel is None else KernelKind(kernel)
+    return boot_kernel(build, kind), build_initramfs(build, kind, epoch=epoch)
 
 
 # ------------------------------------------------------------------------------------------------------ rootfs

@@ -1,17 +1,17 @@
 """The QEMU microvm backend: one ``qemu-system-x86_64 -M microvm`` process per agent.
 
 What the VM gets (``qemu_argv``; a plain argv list, never a shell string):
-- microvm with ACPI (Debian's kernel has CONFIG_VIRTIO_MMIO=m but not CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so the
-  virtio-mmio devices are found through ACPI, not through ``virtio_mmio.device=`` on the command line), no option
-  ROMs, the ISA serial port as console (written to a log file), the RTC, ``-no-reboot`` (a guest reboot or panic
-  ends QEMU), ``-display none`` (QEMU never touches the daemon's stdio; ``-nographic`` would claim it for anything
-  left unassigned) and QEMU's seccomp sandbox.
+- microvm with ACPI (neither guest kernel has CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so the virtio-mmio devices are
+  found through ACPI, not through ``virtio_mmio.device=`` on the command line), no option ROMs, the ISA serial port
+  as console (written to a log file), the RTC, ``-no-reboot`` (a guest reboot or panic ends QEMU), ``-display
+  none`` (QEMU never touches the daemon's stdio; ``-nographic`` would claim it for anything left unassigned) and
+  QEMU's seccomp sandbox.
 - ``-accel kvm -cpu host`` only when qemu.runner's probe says KVM really runs a guest here, else
   ``-accel tcg -cpu max`` (a PVM /dev/kvm hangs an ordinary kernel) and the host's TSC frequency on the kernel
   command line (see host_tsc_khz: without it a TCG guest on a busy host sometimes hangs calibrating its TSC).
-- The appliance's kernel and the guest initramfs (cage/guestimage.py, cage/guest/init), with a kernel command line
-  that carries only what is not secret: console, the agent's name, its network configuration and how it reaches
-  ctxgraph.
+- The guest kernel and initramfs (cage/guestimage.py: the NullBox guest kernel when it is built, else Debian's;
+  cage/guest/init), with a kernel command line that carries only what is not secret: console, the agent's name, its
+  network configuration and how it reaches ctxgraph.
 - Disks, virtio-blk on virtio-mmio, both read-only and named by serial: ``nullbox-root`` (the agent's root image)
   and ``nullbox-config``, the per-boot config disk (``write_config_disk``): the agent's command, working directory
   and environment, secrets included.  Secrets never appear in QEMU's argv or the guest's kernel command line:

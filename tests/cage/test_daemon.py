@@ -3,7 +3,8 @@
 Topology: one network namespace plays the appliance.  egress runs in it (uplink ``up0``, a TAP nobody uses), cage
 runs in it too, in a private mount namespace of its own where a fresh cgroup2 hierarchy is mounted (the build host's
 cgroups are v1).  ctxgraph runs in the host's network namespace (its sockets are files, reachable from anywhere).
-The guests boot the appliance's kernel with the guest initramfs (cage.guestimage) and a tiny busybox agent.
+The guests boot the NullBox guest kernel with its module-less initramfs (cage.guestimage) and a tiny busybox
+agent.
 
 Not tested here, and why: on this v1 host the cpu, memory and pids controllers stay bound to v1 hierarchies, so the
 cgroup2 mount has none of them; cage reports them missing (asserted below) and the limits are not enforced.  The
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 
 from cage import guestimage, network
+from cage.guestimage import KernelKind
 from ctxgraph.process import ServerProcess
 from nullbox import kvm
 from nullbox.daemon import DaemonProcess
@@ -193,11 +195,11 @@ class Appliance:
 
 @pytest.fixture(scope="module")
 def guest_files() -> tuple[Path, Path]:
-    """(kernel, initramfs) for the QEMU backend: the appliance's kernel (image.build's cached step)."""
+    """(kernel, initramfs) for the QEMU backend: the NullBox guest kernel (kernel.build's cached build)."""
     if shutil.which(kvm.QEMU) is None or shutil.which("mksquashfs") is None:
         pytest.skip(f"{kvm.QEMU} or mksquashfs is not installed")
-    subprocess.run([PYTHON, "-m", "image.build", "kernel"], cwd=REPO, check=True, timeout=1800)
-    return guestimage.boot_kernel(), guestimage.build_initramfs()
+    subprocess.run([PYTHON, "-m", "kernel.build", "guest"], cwd=REPO, check=True, timeout=3600)
+    return guestimage.guest_files(kernel=KernelKind.NULLBOX)
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +352,9 @@ def test_agent_lifecycle(appliance: Appliance) -> None:
     # the agent's command writes to ctxgraph through its own channel: the entry is that agent's
     entries = appliance.wait_for_entries(name)
     assert [(e["agent"], e["key"], e["value"]) for e in entries] == [(name, "daemon/writer", token)]
+    release = guestimage.GuestKernel.from_build(kernel=KernelKind.NULLBOX).version
+    assert release.endswith("-nullbox-guest")
+    assert any(f"agent {name}: init started, kernel {release} (" in line for line in appliance.log_lines(name))
     appliance.wait(name, lambda s: any("agent: tick" in line for line in appliance.log_lines(name)), "ticks")
 
     status = cage.call("status", agent=name)["agent"]

@@ -1,26 +1,33 @@
-"""cage.qemu: the microvm command line, the config disk, the guest initramfs, and real boots under TCG."""
+"""cage.qemu: the microvm command line, the config disk, the guest kernel and initramfs (cage.guestimage), and real
+boots under TCG with each guest kernel: the NullBox one (kernel.build guest) and Debian's (image.build kernel)."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
 
 from cage import guestimage, qemu
+from cage.guestimage import KernelKind
 from cage.qemu import GuestNet, QemuVM, Vm
 from ctxgraph.process import ServerProcess
 from image.initrd import ModuleTree
+from kernel import build as kernel_build
 from nullbox import kvm
 from nullbox.kvm import Accel
 from tests.cage.agent_rootfs import AGENT_PATH, agent_env, build_agent_rootfs
@@ -225,24 +232,142 @@ def test_guest_init_is_valid_sh() -> None:
     subprocess.run(["busybox", "sh", "-n", str(guestimage.GUEST_DIR / "init")], check=True)
 
 
+# ----------------------------------------------------------------------- which kernel (fake builds, no compile)
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def fake_nullbox_build(build: Path, config: str = "CONFIG_PVH=y\nCONFIG_RD_ZSTD=y\n") -> Path:
+    """build/kernel-nullbox/guest as a complete kernel.build run leaves it (build.json with today's key)."""
+    out = kernel_build.variant_dir("guest", build)
+    out.mkdir(parents=True)
+    (out / "bzImage").write_bytes(b"MZ fake bzImage")
+    (out / "vmlinux").write_bytes(b"not an ELF")
+    (out / ".config").write_text(config)
+    (out / "version").write_text("6.1.0-test-nullbox-guest\n")
+    (out / "build.json").write_text(json.dumps(kernel_build.cache_key("guest", "6.1.0-test")))
+    return out
+
+
+def fake_debian_build(build: Path) -> Path:
+    """build/kernel as image.build's kernel step leaves it (no modules: enough to pick and describe it)."""
+    kernel = build / "kernel"
+    (kernel / "deb" / "boot").mkdir(parents=True)
+    (kernel / "modules").mkdir()
+    (kernel / "vmlinuz").write_bytes(b"MZ fake vmlinuz")
+    (kernel / "version").write_text("6.1.0-99-amd64\n")
+    (kernel / "deb" / "boot" / "config-6.1.0-99-amd64").write_text("CONFIG_RD_ZSTD=y\n")
+    return kernel
+
+
+def test_the_nullbox_guest_kernel_is_chosen_when_built(tmp_path: Path) -> None:
+    debian = fake_debian_build(tmp_path)
+    assert guestimage.choose_kernel(tmp_path) is KernelKind.DEBIAN  # no NullBox build
+    out = fake_nullbox_build(tmp_path)
+    assert guestimage.choose_kernel(tmp_path) is KernelKind.NULLBOX
+    chosen = guestimage.GuestKernel.from_build(tmp_path)
+    assert chosen.kind is KernelKind.NULLBOX and chosen.version == "6.1.0-test-nullbox-guest"
+    assert chosen.modules is None and chosen.vmlinux == out / "vmlinux" and chosen.vmlinuz == out / "bzImage"
+
+    # either kernel on request, whatever the default
+    other = guestimage.GuestKernel.from_build(tmp_path, KernelKind.DEBIAN)
+    assert other.kind is KernelKind.DEBIAN and other.version == "6.1.0-99-amd64"
+    assert other.modules == debian / "modules" and other.vmlinux is None
+    assert guestimage.GuestKernel.from_build(tmp_path, KernelKind("nullbox")) == chosen
+
+    # a build that kernel.build would redo is not "built": an interrupted one, one of another fragment, a lost output
+    key = json.loads((out / "build.json").read_text())
+    vmlinux = (out / "vmlinux").read_bytes()
+    for change in ("fragment", "builder", "interrupted", "vmlinux"):
+        if change in ("fragment", "builder"):
+            (out / "build.json").write_text(json.dumps({**key, change: "0" * 64}))
+        else:
+            (out / ("build.json" if change == "interrupted" else "vmlinux")).unlink()
+        assert guestimage.choose_kernel(tmp_path) is KernelKind.DEBIAN, change
+        with pytest.raises(FileNotFoundError, match=r"python -m kernel\.build guest"):
+            guestimage.GuestKernel.from_build(tmp_path, KernelKind.NULLBOX)
+        (out / "build.json").write_text(json.dumps(key))
+        (out / "vmlinux").write_bytes(vmlinux)
+        assert guestimage.choose_kernel(tmp_path) is KernelKind.NULLBOX
+
+
+def test_boot_kernel_of_a_nullbox_build_without_a_pvh_vmlinux_is_its_bzimage(tmp_path: Path) -> None:
+    out = fake_nullbox_build(tmp_path)  # its vmlinux is no ELF at all
+    assert guestimage.boot_kernel(tmp_path) == out / "bzImage"
+    (out / ".config").write_text("CONFIG_RD_ZSTD=y\n")  # no CONFIG_PVH
+    assert guestimage.boot_kernel(tmp_path, KernelKind.NULLBOX) == out / "bzImage"
+
+
+def initramfs_members(path: Path) -> dict[str, bytes]:
+    """Name -> data of every member of a zstd- or gzip-compressed newc initramfs (read by the host's cpio)."""
+    data = path.read_bytes()
+    if data.startswith(ZSTD_MAGIC):
+        archive = subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+    else:
+        assert data.startswith(GZIP_MAGIC)
+        archive = gzip.decompress(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames"], input=archive, cwd=tmp, check=True)
+        root = Path(tmp)
+        return {  # device nodes and directories as b"" (reading dev/console would read the console)
+            str(f.relative_to(root)): f.read_bytes() if f.is_file() and not f.is_symlink() else b""
+            for f in root.rglob("*")
+        }
+
+
+def test_the_nullbox_initramfs_has_no_modules(tmp_path: Path) -> None:
+    """No /lib/modules at all, compressed as the kernel's .config allows; cached per kernel kind."""
+    cache = tmp_path / guestimage.CACHE_DIR
+    cache.mkdir()
+    debians = cache / "guest-initrd-debian-0123456789abcdef.img"  # another kernel's initramfs
+    debians.write_bytes(b"x")
+    out = fake_nullbox_build(tmp_path)
+    zstd = guestimage.build_initramfs(tmp_path, KernelKind.NULLBOX)
+    assert zstd.parent == cache and zstd.name.startswith("guest-initrd-nullbox-")
+    assert zstd.read_bytes().startswith(ZSTD_MAGIC)
+    members = initramfs_members(zstd)
+    assert members["init"] == (guestimage.GUEST_DIR / "init").read_bytes()
+    assert members["bin/busybox"][:4] == b"\x7fELF" and "bin/sh" in members and "dev/console" in members
+    assert not [name for name in members if name.startswith("lib")]
+    assert guestimage.build_initramfs(tmp_path) == zstd  # chosen by default, and cached
+
+    (out / ".config").write_text("CONFIG_PVH=y\n")  # a kernel without CONFIG_RD_ZSTD: gzip
+    (out / "build.json").write_text(json.dumps(kernel_build.cache_key("guest", "6.1.0-test")))
+    gz = guestimage.build_initramfs(tmp_path, KernelKind.NULLBOX)
+    assert gz != zstd and gz.read_bytes().startswith(GZIP_MAGIC)
+    assert initramfs_members(gz).keys() == members.keys()
+    assert not zstd.exists()  # the same kernel's older initramfs is replaced ...
+    assert debians.exists()  # ... another kernel's stays (a benchmark boots both in one run)
+
+
 # --------------------------------------------------------------------------------------------------- real boots
 
 
-@pytest.fixture(scope="module")
-def kernel() -> guestimage.GuestKernel:
-    """The appliance's kernel (image.build's kernel step: cached after the first run)."""
+def require_qemu() -> None:
     if shutil.which(kvm.QEMU) is None:
         pytest.skip(f"{kvm.QEMU} is not installed")
-    subprocess.run([sys.executable, "-m", "image.build", "kernel"], cwd=REPO, check=True, timeout=1800)
-    return guestimage.GuestKernel.from_build()
 
 
 @pytest.fixture(scope="module")
-def initramfs(kernel: guestimage.GuestKernel) -> Path:
-    return guestimage.build_initramfs()
+def debian_kernel() -> guestimage.GuestKernel:
+    """Debian's appliance kernel (image.build's kernel step: cached after the first run)."""
+    require_qemu()
+    subprocess.run([sys.executable, "-m", "image.build", "kernel"], cwd=REPO, check=True, timeout=1800)
+    return guestimage.GuestKernel.from_build(kernel=KernelKind.DEBIAN)
 
 
-def test_initramfs_loads_modules_after_their_dependencies(kernel: guestimage.GuestKernel, initramfs: Path) -> None:
+@pytest.fixture(scope="module")
+def nullbox_kernel() -> guestimage.GuestKernel:
+    """The NullBox guest kernel (kernel.build: a cache hit when built; about 4 min of compiling otherwise)."""
+    require_qemu()
+    subprocess.run([sys.executable, "-m", "kernel.build", "guest"], cwd=REPO, check=True, timeout=3600)
+    return guestimage.GuestKernel.from_build(kernel=KernelKind.NULLBOX)
+
+
+def test_initramfs_loads_modules_after_their_dependencies(debian_kernel: guestimage.GuestKernel) -> None:
+    kernel = debian_kernel
+    assert kernel.modules is not None
     tree = ModuleTree.scan(kernel.modules)
     entries = guestimage.initramfs_entries(b"#!/bin/sh\n", b"", ["bin/sh", "sbin/insmod"], kernel.version, tree)
     by_path = {e.path: e for e in entries}
@@ -257,17 +382,25 @@ def test_initramfs_loads_modules_after_their_dependencies(kernel: guestimage.Gue
     assert len(listed) == len(set(listed))  # each module in one list only
     assert listed.index("virtio.ko") < listed.index("virtio_mmio.ko") < listed.index("virtio_blk.ko")
     assert listed.index("jbd2.ko") < listed.index("ext4.ko")
-    assert guestimage.build_initramfs() == initramfs  # cached by content
+    initramfs = guestimage.build_initramfs(kernel=KernelKind.DEBIAN)
+    assert initramfs.name.startswith("guest-initrd-debian-")
+    assert f"{moddir}/nullbox.load" in initramfs_members(initramfs)
+    assert guestimage.build_initramfs(kernel=KernelKind.DEBIAN) == initramfs  # cached by content
 
 
-def test_boot_kernel_is_the_uncompressed_pvh_vmlinux(kernel: guestimage.GuestKernel) -> None:
-    if "\nCONFIG_PVH=y" not in "\n" + kernel.config:
-        pytest.skip("this kernel has no PVH entry point")
-    vmlinux = guestimage.boot_kernel()
-    assert vmlinux.parent.name == guestimage.CACHE_DIR
+def test_boot_kernel_is_the_uncompressed_pvh_vmlinux(
+    debian_kernel: guestimage.GuestKernel, nullbox_kernel: guestimage.GuestKernel
+) -> None:
+    assert nullbox_kernel.has_pvh  # kernel/guest.config asks for it
+    assert guestimage.boot_kernel(kernel=KernelKind.NULLBOX) == nullbox_kernel.vmlinux  # as kernel.build left it
+    assert nullbox_kernel.vmlinux is not None and guestimage.has_pvh_entry(nullbox_kernel.vmlinux.read_bytes())
+    if not debian_kernel.has_pvh:
+        pytest.skip("Debian's kernel has no PVH entry point")
+    vmlinux = guestimage.boot_kernel(kernel=KernelKind.DEBIAN)
+    assert vmlinux.parent.name == guestimage.CACHE_DIR  # extracted from the bzImage's XZ payload
     assert guestimage.has_pvh_entry(vmlinux.read_bytes())
-    assert not guestimage.has_pvh_entry(kernel.vmlinuz.read_bytes()[:4096])  # the bzImage is not an ELF
-    assert guestimage.boot_kernel() == vmlinux
+    assert not guestimage.has_pvh_entry(debian_kernel.vmlinuz.read_bytes()[:4096])  # the bzImage is not an ELF
+    assert guestimage.boot_kernel(kernel=KernelKind.DEBIAN) == vmlinux
 
 
 @pytest.fixture(scope="module")
@@ -276,10 +409,34 @@ def agent_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return guestimage.pack_rootfs(build_agent_rootfs(tmp / "root"), tmp / "root.sqfs")
 
 
-@pytest.fixture(scope="module")
-def boot_files(kernel: guestimage.GuestKernel, initramfs: Path, agent_image: Path) -> tuple[Path, Path, Path]:
-    """(kernel to boot, guest initramfs, agent root image)."""
-    return guestimage.boot_kernel(), initramfs, agent_image
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: guestimage.GuestKernel
+    vmlinux: Path  # what QEMU boots (-kernel)
+    initramfs: Path
+    rootfs: Path  # the agent's root image
+
+
+@pytest.fixture(scope="module", params=list(KernelKind), ids=str)
+def boot_files(request: pytest.FixtureRequest, agent_image: Path) -> BootFiles:
+    """Everything to boot the test agent, once with each guest kernel."""
+    kind = KernelKind(request.param)
+    kernel: guestimage.GuestKernel = request.getfixturevalue(f"{kind}_kernel")
+    vmlinux, initramfs = guestimage.guest_files(kernel=kind)
+    return BootFiles(kernel, vmlinux, initramfs, agent_image)
+
+
+def reported_kernel(console: str) -> str:
+    """The kernel release the guest init printed (``init started, kernel <uname -r>``)."""
+    found = re.search(r"^nullbox-guest: agent \S+: init started, kernel (\S+) ", console, re.MULTILINE)
+    assert found, "the guest init never said which kernel it runs"
+    return found.group(1)
+
+
+def check_guest_kernel(files: BootFiles, console: str) -> None:
+    release = reported_kernel(console)
+    assert release == files.kernel.version
+    assert release.endswith("-nullbox-guest") == (files.kernel.kind is KernelKind.NULLBOX)
 
 
 @pytest.fixture
@@ -318,7 +475,7 @@ def boot(vm: QemuVM, timeout: float = 45.0) -> tuple[qemu.Outcome, int]:
 def test_agent_vm_boots_and_writes_to_ctxgraph(
     tmp_path: Path,
     server: ServerProcess,
-    boot_files: tuple[Path, Path, Path],
+    boot_files: BootFiles,
     tap: GuestNet,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -327,13 +484,13 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     beta_sock = Path(admin.register_agent("beta")["socket"])
     secret = "granted-" + uuid.uuid4().hex
     net = tap
-    vmlinuz, initramfs, agent_image = boot_files
+    files = boot_files
 
     vm = QemuVM(
         agent="alpha",
-        kernel=vmlinuz,
-        initramfs=initramfs,
-        rootfs=agent_image,
+        kernel=files.vmlinux,
+        initramfs=files.initramfs,
+        rootfs=files.rootfs,
         config_disk=qemu.write_config_disk(
             tmp_path / "alpha.cfg",
             [AGENT_PATH],
@@ -350,6 +507,7 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     outcome, started_ns = boot(vm)
 
     assert outcome.qemu_status == 0, f"QEMU: {(tmp_path / 'alpha.console.qemu').read_text()}"
+    check_guest_kernel(files, outcome.console)
     assert "reboot: Power down" in outcome.console  # the guest powered off (no reboot, no panic)
     assert outcome.guest_failure is None
     assert outcome.agent_status == 0
@@ -362,7 +520,7 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     assert [(e["agent"], e["key"], e["value"]) for e in entries] == [("alpha", "e2e/agent", secret)]
     boot_to_write = (entries[0]["created_ns"] - started_ns) / 1e9
     with capsys.disabled():  # shown in the normal test output, not only with -s
-        print(f"\nboot-to-first-write (host wall, QEMU start -> ctxgraph commit): {boot_to_write:.2f}s ", end="")
+        print(f"\n{files.kernel.version}: QEMU start -> first ctxgraph write {boot_to_write:.2f}s (bench/) ", end="")
 
     # A second agent, booted the same way on its own socket, cannot write as the first.
     beta = replace(
@@ -385,14 +543,13 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     assert [e["key"] for e in admin.by_agent("alpha")["entries"]] == ["e2e/agent"]
 
 
-def test_the_power_button_ends_a_running_agent(tmp_path: Path, boot_files: tuple[Path, Path, Path]) -> None:
+def test_the_power_button_ends_a_running_agent(tmp_path: Path, boot_files: BootFiles) -> None:
     """cage's polite stop: QMP system_powerdown -> ACPI power button -> the guest init TERMs the agent and reports."""
-    vmlinuz, initramfs, agent_image = boot_files
     vm = QemuVM(
         agent="sleeper",
-        kernel=vmlinuz,
-        initramfs=initramfs,
-        rootfs=agent_image,
+        kernel=boot_files.vmlinux,
+        initramfs=boot_files.initramfs,
+        rootfs=boot_files.rootfs,
         config_disk=qemu.write_config_disk(tmp_path / "sleeper.cfg", ["/bin/sleep", "600"], {}),
         console_log=tmp_path / "sleeper.console",
         qmp_socket=tmp_path / "sleeper.qmp",
@@ -409,6 +566,30 @@ def test_the_power_button_ends_a_running_agent(tmp_path: Path, boot_files: tuple
         qemu.qmp(vm.qmp_socket, "system_powerdown")
         outcome = running.wait(30)  # past that, wait() quits QEMU itself: no power-button line, no status 143
     print(f"--- console of sleeper:\n{outcome.console}", file=sys.stderr)
+    check_guest_kernel(boot_files, outcome.console)
     assert "NULLBOX-POWER-BUTTON" in outcome.console
     assert outcome.agent_status == 128 + 15  # SIGTERM, sent by the guest init
     assert outcome.qemu_status == 0 and "reboot: Power down" in outcome.console
+
+
+def test_an_ext4_root_image_boots(tmp_path: Path, boot_files: BootFiles) -> None:
+    """Agent roots may be ext4 images (the guest tells them from SquashFS by magic; Debian loads ext4 for them)."""
+    image = tmp_path / "root.ext4"
+    with image.open("wb") as f:
+        f.truncate(32 << 20)
+    root = build_agent_rootfs(tmp_path / "root")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(image)], check=True)
+    vm = QemuVM(
+        agent="ext4",
+        kernel=boot_files.vmlinux,
+        initramfs=boot_files.initramfs,
+        rootfs=image,
+        config_disk=qemu.write_config_disk(tmp_path / "ext4.cfg", ["/bin/echo", "agent: on an ext4 root"], {}),
+        console_log=tmp_path / "ext4.console",
+        qmp_socket=tmp_path / "ext4.qmp",
+        ctxgraph_socket=None,
+    )
+    outcome, _ = boot(vm)
+    check_guest_kernel(boot_files, outcome.console)
+    assert outcome.guest_failure is None and outcome.agent_status == 0
+    assert "agent: on an ext4 root" in outcome.console
