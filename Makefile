@@ -42,6 +42,8 @@ bench: deps
 	$(BIN)/python -m bench.nulld_bench
 	$(BIN)/python -m bench.image_bench
 	$(BIN)/python -m bench.kernel_bench
+	$(BIN)/python -m bench.agent_vm_boot
+	$(BIN)/python -m bench.nullctl_bench
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -5,10 +5,16 @@ vCPU threads stop being scheduled and the guest makes no progress.  ``cgroup.kil
 at once, so nothing it started can outlive it.  Controllers are enabled top-down (``cgroup.subtree_control``) on
 the path from the hierarchy root to the agents' parent; a controller the kernel does not offer here is reported by
 name instead of being silently skipped.
+
+KVM puts a kernel thread of its own into the group of the process that creates a VM (``kvm-nx-lpage-recovery``,
+linux 6.1 ``kvm_vm_create_worker_thread``).  The freezer skips kernel threads but counts them, so a group holding
+one never reports ``frozen``: before freezing, such threads are moved to a leaf of their own next to the agents'
+parent (``<parent>/../kernel-threads``), where they still run (their work is the host kernel's, not the agent's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections.abc import Sequence
@@ -21,6 +27,8 @@ DEFAULT_PARENT: Final = Path("nullbox/agents")  # relative to the hierarchy root
 CONTROLLERS: Final = ("cpu", "memory", "pids")
 CPU_PERIOD_US: Final = 100_000
 FREEZE_TIMEOUT_S: Final = 5.0
+KERNEL_THREADS: Final = "kernel-threads"  # a leaf next to the agents' parent
+PF_KTHREAD: Final = 0x00200000  # include/linux/sched.h: /proc/PID/stat's flags field
 MIB: Final = 1024 * 1024
 
 
@@ -82,7 +90,7 @@ class Hierarchy:
     def group(self, agent: str) -> Group:
         if "/" in agent or agent in ("", ".", ".."):
             raise CgroupError(f"invalid agent name for a cgroup: {agent!r}")
-        return Group(self.parent / agent)
+        return Group(self.parent / agent, kernel_threads=self.parent.parent / KERNEL_THREADS)
 
     def groups(self) -> list[str]:
         """Agent groups that exist (e.g. left behind by a cage that was killed)."""
@@ -94,8 +102,9 @@ class Hierarchy:
 class Group:
     """One agent's cgroup."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, kernel_threads: Path | None = None) -> None:
         self.path = path
+        self.kernel_threads = kernel_threads  # where kernel threads go before a freeze (None: nowhere, leave them)
 
     @property
     def name(self) -> str:
@@ -130,8 +139,32 @@ class Group:
         return [int(p) for p in text.split()]
 
     def freeze(self, timeout: float = FREEZE_TIMEOUT_S) -> None:
+        """Stop every task of the group; on failure the group is thawed again (never left half-frozen)."""
+        self.evict_kernel_threads()
         self._write("cgroup.freeze", "1")
-        self._wait_frozen(True, timeout)
+        try:
+            self._wait_frozen(True, timeout)
+        except CgroupError:
+            with contextlib.suppress(CgroupError):
+                self._write("cgroup.freeze", "0")
+            raise
+
+    def evict_kernel_threads(self) -> list[int]:
+        """Move the kernel threads in the group (see the module docstring) to ``kernel_threads``; their pids."""
+        found = [pid for pid in self.pids() if is_kernel_thread(pid)]
+        if not found or self.kernel_threads is None:
+            return []
+        self.kernel_threads.mkdir(exist_ok=True)
+        moved = []
+        for pid in found:
+            try:
+                (self.kernel_threads / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:
+                continue  # gone meanwhile
+            except OSError as exc:
+                raise CgroupError(f"cannot move kernel thread {pid} out of {self.path}: {exc.strerror}") from None
+            moved.append(pid)
+        return moved
 
     def thaw(self, timeout: float = FREEZE_TIMEOUT_S) -> None:
         self._write("cgroup.freeze", "0")
@@ -228,6 +261,16 @@ def _keyed(path: Path) -> dict[str, str]:
         return {}
     pairs = (line.split(None, 1) for line in _read(path).splitlines())
     return {p[0]: p[1] if len(p) > 1 else "" for p in pairs}
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """PF_KTHREAD in /proc/PID/stat's flags (the 9th field; the 2nd, comm, may hold spaces and parentheses)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = text[text.rindex(")") + 2 :].split()
+    return bool(int(fields[6]) & PF_KTHREAD)
 
 
 def cgroup_of(pid: int) -> str:

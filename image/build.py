@@ -5,6 +5,7 @@ it, and SOURCE_DATE_EPOCH) matches the one recorded when its outputs were last b
 
     kernel      Debian's kernel package -> build/kernel/{vmlinuz,version,modules/}
     rootfs      mkosi tree, nullbox installed, trimmed -> build/rootfs/
+    guest       agent VMs' kernel and initramfs, the demo agent -> build/rootfs/usr/{lib,share}/nullbox/...
     squashfs    build/rootfs -> build/rootfs.squashfs (+ .sha256)
     bootkernel  the kernel the appliance boots: the NullBox one when built (make kernel), else Debian's
                 -> build/boot/{vmlinuz,config,version,kernel.json}
@@ -48,6 +49,15 @@ class Step:
 STEPS: Final = (
     Step("kernel", "image.kernel", ("kernel/vmlinuz", "kernel/version", "kernel/modules")),
     Step("rootfs", "image.rootfs", ("rootfs",)),
+    Step(
+        "guest",
+        "image.guest",
+        (
+            "rootfs/usr/lib/nullbox/guest/vmlinux",
+            "rootfs/usr/lib/nullbox/guest/initrd.img",
+            "rootfs/usr/share/nullbox/examples/demo/rootfs",
+        ),
+    ),
     Step("squashfs", "image.squashfs", ("rootfs.squashfs", "rootfs.squashfs.sha256")),
     Step("bootkernel", "image.bootkernel", ("boot/vmlinuz", "boot/config", "boot/version", "boot/kernel.json")),
     Step("initrd", "image.initrd", ("initrd.img",)),

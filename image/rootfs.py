@@ -1,7 +1,7 @@
 """Build step rootfs: the appliance's root tree, build/rootfs/.
 
-1. mkosi 14 (image/mkosi.conf) bootstraps Debian bookworm with python3, python3-nftables and python3-cryptography
-   into a directory;
+1. mkosi 14 (image/mkosi.conf) bootstraps Debian bookworm with python3, python3-nftables, python3-cryptography and
+   qemu-system-x86 (cage's VMM) into a directory;
    image/mkosi.prepare upgrades it from bookworm-updates and bookworm-security.  mkosi runs in a private mount
    namespace with a tmpfs on /run and --nspawn-keep-unit, so that its systemd-nspawn asks no system bus for a
    unit (there is none on a build host or container without systemd), and any mount it leaves dies with the
@@ -67,6 +67,11 @@ KEEP_PACKAGES: Final = (
     "tzdata",
     "base-files",
 )
+# Programs kept without their package's Depends: the package (its files) and the packages of the shared libraries
+# the tree's loader resolves for the program, with their own dependencies.  qemu-system-x86 Depends on
+# qemu-system-common, which Depends on spice, ALSA, epoxy and, through them, gstreamer, NSS, Kerberos ... for display
+# and audio modules cage never loads (~25 MB).  Its firmware comes from qemu-system-data (see QEMU_DATA_KEEP).
+KEEP_PROGRAMS: Final = {"qemu-system-x86": "/usr/bin/qemu-system-x86_64", "qemu-system-data": None}
 # Dependencies that only maintainer scripts use (installing, configuring): not followed.
 INSTALL_TIME_ONLY: Final = frozenset(
     {"dpkg", "debconf", "debconf-2.0", "perl-base", "init-system-helpers", "adduser", "awk", "mawk", "ucf"}
@@ -79,7 +84,11 @@ KEEP_FROM_DROPPED: Final = ("/etc/ld.so.conf", "/etc/ld.so.conf.d/libc.conf", "/
 MERGED_USR: Final = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
 
 # The only files in /usr/bin and /usr/sbin (init comes from image/rootfs-files).
-EXECUTABLES: Final = frozenset({"usr/bin/python3", "usr/bin/python3.11", "usr/sbin/init"})
+EXECUTABLES: Final = frozenset({"usr/bin/python3", "usr/bin/python3.11", "usr/bin/qemu-system-x86_64", "usr/sbin/init"})
+# The only QEMU data cage's microvm needs (its qboot firmware); the rest is firmware for other machines and
+# architectures, keymaps for displays it never opens, option ROMs for devices it never adds.
+QEMU_DATA: Final = "usr/share/qemu"
+QEMU_DATA_KEEP: Final = frozenset({"bios-microvm.bin", "qboot.rom"})  # the first is a link to the second
 # Everything else in /etc goes.  (nullbox/, hostname, hosts come from image/rootfs-files; resolv.conf and
 # machine-id are written below.)
 ETC_KEEP: Final = frozenset(
@@ -152,6 +161,10 @@ REMOVE: Final = (
     "usr/lib/python3.11/LICENSE.txt",
     "usr/lib/python3/dist-packages/jsonschema/tests",
     "usr/lib/python3/dist-packages/jsonschema/benchmarks",
+    "usr/lib/qemu",  # qemu-bridge-helper (set-uid root), vhost-user helpers: cage uses none of them
+    "usr/lib/ipxe",  # option ROMs for PCI NICs (microvm's virtio-net is on virtio-mmio)
+    "usr/share/seabios",  # the PC BIOS (microvm boots qboot)
+    "usr/share/qemu-efi",
 )
 # Empty directories the appliance mounts over, or writes to at run time (mode).
 MOUNT_POINTS: Final = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777, "var": 0o755}
@@ -186,6 +199,8 @@ FORBIDDEN_PROGRAMS: Final = frozenset(
 )
 FORBIDDEN_PROGRAM_PREFIXES: Final = ("apt-", "dpkg-", "debconf-", "perl5", "python2")
 PROGRAM_DIRS: Final = frozenset({"bin", "sbin", "libexec"})
+# The one place a kernel may be: the agent VMs' (image/guest.py); the appliance never boots it.
+GUEST_KERNEL_DIR: Final = PurePosixPath("/usr/lib/nullbox/guest")
 FORBIDDEN_TREES: Final = (
     "/boot",
     "/etc/apt",
@@ -220,6 +235,12 @@ assert ssl.create_default_context().cert_store_stats()["x509_ca"] > 0, "no CA ce
 zoneinfo.ZoneInfo("Europe/Berlin")
 nulld.config.load(nulld.config.DEFAULT_PATH)
 print("rootfs: python", ".".join(map(str, __import__("sys").version_info[:3])), "imports what nullbox needs")
+import subprocess
+qemu = subprocess.run(["/usr/bin/qemu-system-x86_64", "-version"], capture_output=True, text=True, check=True)
+machines = subprocess.run(["/usr/bin/qemu-system-x86_64", "-machine", "help"], capture_output=True, text=True)
+assert "microvm" in machines.stdout, machines.stdout + machines.stderr
+assert __import__("os").path.isfile("/usr/share/qemu/bios-microvm.bin"), "no firmware for -M microvm"
+print("rootfs:", qemu.stdout.splitlines()[0], "runs, with its libraries, and has microvm")
 """
 
 
@@ -232,7 +253,7 @@ def forbidden(paths: Iterable[str]) -> list[str]:
         if (
             pure.name in FORBIDDEN_ANYWHERE
             or (program and (pure.name in FORBIDDEN_PROGRAMS or pure.name.startswith(FORBIDDEN_PROGRAM_PREFIXES)))
-            or pure.name.startswith(("vmlinuz", "vmlinux", "initrd.img"))
+            or (pure.name.startswith(("vmlinuz", "vmlinux", "initrd.img")) and pure.parent != GUEST_KERNEL_DIR)
             or any(path.startswith(tree + "/") for tree in FORBIDDEN_TREES)
             or (path.startswith("/usr/lib/locale/") and not path.startswith("/usr/lib/locale/C.utf8"))
         ):
@@ -379,11 +400,25 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def loader_libraries(ctx: Context, tree: Path, program: str) -> list[str]:
+    """The shared libraries the tree's dynamic loader resolves for ``program`` (``ld.so --list``, in a chroot)."""
+    listing = ctx.output(["chroot", str(tree), "/lib64/ld-linux-x86-64.so.2", "--list", program])
+    found = []
+    for line in listing.splitlines():
+        name, arrow, rest = line.strip().partition(" => ")
+        path = rest.split(" (")[0].strip() if arrow else name.split(" (")[0].strip()
+        if path.startswith("/"):
+            found.append(_canonical(path))
+        elif arrow and "not found" in rest:
+            raise RuntimeError(f"rootfs: {program} needs {name}, which the tree does not have")
+    return found
+
+
 def drop_packages(ctx: Context, tree: Path) -> None:
-    """Remove the files of every package outside the runtime closure of KEEP_PACKAGES."""
+    """Remove the files of every package outside the runtime closure of KEEP_PACKAGES and KEEP_PROGRAMS."""
     dpkg = tree / "var/lib/dpkg"
-    kept, installed = runtime_closure((dpkg / "status").read_text(encoding="utf-8"), KEEP_PACKAGES)
-    dropped = sorted(installed - kept)
+    status = (dpkg / "status").read_text(encoding="utf-8")
+    kept, installed = runtime_closure(status, KEEP_PACKAGES)
 
     def files(package: str) -> set[str]:
         for name in (f"{package}.list", f"{package}:amd64.list"):
@@ -391,6 +426,24 @@ def drop_packages(ctx: Context, tree: Path) -> None:
                 text = (dpkg / "info" / name).read_text(encoding="utf-8")
                 return {_canonical(line) for line in text.splitlines() if line.strip() not in ("", "/.")}
         return set()
+
+    owners: dict[str, str] = {}
+    for package in sorted(installed):
+        for path in files(package):
+            owners.setdefault(path, package)
+    for package, program in KEEP_PROGRAMS.items():
+        kept.add(package)
+        if program is None:
+            continue
+        needed: set[str] = set()
+        for library in loader_libraries(ctx, tree, program):
+            real = _resolve(tree, PurePosixPath(library))  # dpkg may list the file, not its SONAME link
+            owner = owners.get(library) or (owners.get(str(real)) if real is not None else None)
+            if owner is None:
+                raise RuntimeError(f"rootfs: no package owns {library} ({program} needs it)")
+            needed.add(owner)
+        kept |= runtime_closure(status, needed)[0]
+    dropped = sorted(installed - kept)
 
     keep = set().union(*(files(p) for p in kept))
     directories = []
@@ -468,6 +521,9 @@ def trim(ctx: Context, tree: Path) -> None:
     for locale in (tree / "usr/lib/locale").iterdir():
         if locale.name != "C.utf8":
             _remove(locale)
+    for entry in (tree / QEMU_DATA).iterdir():
+        if entry.name not in QEMU_DATA_KEEP:
+            _remove(entry)
     for name in ("root", *MOUNT_POINTS):  # emptied, and made again below
         _remove(tree / name)
     remove_dangling_symlinks(ctx, tree)

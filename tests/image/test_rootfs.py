@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -108,7 +108,10 @@ def test_squashfs_step_writes_the_image_and_its_checksum(tmp_path: Path) -> None
 def test_shipped_nulld_toml_is_valid() -> None:
     loaded = config.load(FILES / "etc/nullbox/nulld.toml")
     assert loaded.hostname == "nullbox"
-    assert loaded.order == ("egress", "uplink", "ctxgraph")
+    assert loaded.order == ("egress", "uplink", "ctxgraph", "cage")
+    cage = loaded.services["cage"]
+    assert cage.argv == ["/usr/bin/python3", "-m", "cage", "serve"]
+    assert set(cage.depends_on) == {"egress", "ctxgraph"}  # an agent's allow list and socket exist before its VM
     service = loaded.services["ctxgraph"]
     assert service.argv == ["/usr/bin/python3", "-m", "ctxgraph", "serve"]
     assert service.depends_on == ("egress",)  # the network policy is in force before anything agent-facing
@@ -259,7 +262,18 @@ def test_image_contains_nothing_forbidden(built: dict[str, Entry]) -> None:
     for path in ["/bin/sh", "/bin/bash", "/bin/dash", "/bin/rbash", "/bin/busybox", "/sbin/sshd", "/bin/login"]:
         assert _resolve(built, path) not in built, f"{path} is in the image"
     programs = {p for p in built if p.startswith(("/usr/bin/", "/usr/sbin/"))}
-    assert programs == {"/usr/bin/python3", "/usr/bin/python3.11", "/usr/sbin/init"}
+    assert programs == {"/usr/bin/python3", "/usr/bin/python3.11", "/usr/bin/qemu-system-x86_64", "/usr/sbin/init"}
+    # QEMU without its helpers (qemu-bridge-helper is set-uid root) and without display/audio modules' libraries
+    assert not [p for p in built if p.startswith(("/usr/lib/qemu/", "/usr/lib/x86_64-linux-gnu/qemu/"))]
+    libraries = {PurePosixPath(p).name.split(".so")[0] for p in built if ".so" in p}
+    assert not libraries & {"libspice-server", "libasound", "libgstreamer-1.0", "libepoxy", "libnss3"}
+    assert sorted(p.removeprefix("/usr/share/qemu/") for p in built if p.startswith("/usr/share/qemu/")) == [
+        "bios-microvm.bin",
+        "qboot.rom",
+    ]
+    # The agents' guest kernel and initramfs, the only kernel in the image (the appliance's is on the ISO)
+    kernels = sorted(p for p in built if PurePosixPath(p).name.startswith(("vmlinu", "initrd.img")))
+    assert kernels == ["/usr/lib/nullbox/guest/initrd.img", "/usr/lib/nullbox/guest/vmlinux"]
     for tree in ["/usr/share/doc", "/usr/share/man", "/usr/share/locale", "/var/lib/dpkg", "/var/lib/apt"]:
         assert tree not in built, f"{tree} is in the image"
     assert not [p for p, e in built.items() if e.mode[3] in "sS" or e.mode[6] in "sS"], "set-uid/set-gid files"
@@ -280,7 +294,7 @@ def test_image_etc(built: dict[str, Entry]) -> None:
     assert cat(BUILT, "/etc/hostname") == b"nullbox\n"
     shipped = cat(BUILT, "/etc/nullbox/nulld.toml").decode()
     assert shipped == (FILES / "etc/nullbox/nulld.toml").read_text()
-    assert config.parse(shipped, "image:/etc/nullbox/nulld.toml").order == ("egress", "uplink", "ctxgraph")
+    assert config.parse(shipped, "image:/etc/nullbox/nulld.toml").order == ("egress", "uplink", "ctxgraph", "cage")
 
 
 @needs_image
