@@ -131,9 +131,15 @@ class Api:
             raise translate(op, exc) from None
         except TimeoutError:
             self.close()
+            busy = (
+                "is another nullctl holding the VM's control port? It serves one connection at a time (a running "
+                "`-f` or `ctx watch` keeps it); "
+                if self.address.startswith("serial:")
+                else ""
+            )
             raise CannotConnect(
                 f"no reply from {self.address} to {op!r} within {timeout:.0f} s; "
-                "is the appliance busy or hung? (--timeout SECONDS waits longer)"
+                f"{busy}is the appliance busy or hung? (--timeout SECONDS waits longer)"
             ) from None
         except OSError as exc:
             self.close()
