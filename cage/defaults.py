@@ -24,6 +24,9 @@ CGROUP_PARENT: Final = Path("nullbox/agents")
 # initramfs carrying its modules.  The image does not ship them yet (docs/cage.md, "Not done yet").
 GUEST_KERNEL: Final = Path("/usr/lib/nullbox/guest/vmlinux")
 GUEST_INITRAMFS: Final = Path("/usr/lib/nullbox/guest/initrd.img")
+# Example agents the image ships ready to install (image/guest.py): <dir>/<name>/{AGENT.toml,rootfs}.
+EXAMPLES_DIR: Final = Path("/usr/share/nullbox/examples")
+DEMO_ROOTFS: Final = EXAMPLES_DIR / "demo" / "rootfs"
 
 #: Agent links: one /30 per agent from this pool (gateway .1 on the TAP, the guest .2).
 POOL: Final = IPv4Network("10.201.0.0/16")

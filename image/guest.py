@@ -23,13 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from cage import guestimage
+from cage import defaults, guestimage
 from image.context import Context
 from image.kernel import sha256_file
 
 INPUTS: Final[list[str]] = ["cage/guestimage.py", "cage/guest", "image/initrd.py", "examples/agents/demo"]
-GUEST_DIR: Final = "usr/lib/nullbox/guest"
-EXAMPLES_DIR: Final = "usr/share/nullbox/examples"
+GUEST_DIR: Final = str(defaults.GUEST_KERNEL.parent).lstrip("/")
+EXAMPLES_DIR: Final = str(defaults.EXAMPLES_DIR).lstrip("/")
 DEMO: Final = "demo"
 ELF_MAGIC: Final = b"\x7fELF"
 

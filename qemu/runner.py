@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from cage.defaults import DEMO_ROOTFS
 from nullbox.kvm import QEMU, Accel, probe_kvm
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -175,9 +176,10 @@ def run(opts: Options, accel: Accel) -> int:
     say(accel.explain())
     for note in prepare(opts):
         say(note)
-    say(f"control port: nullctl --connect serial:{opts.ctl_socket} ...")
     say("console: Ctrl-A X quits, Ctrl-A C switches to the QEMU monitor")
     say("$ " + " ".join(argv))
+    for line in how_to(opts):
+        say(line)
     with subprocess.Popen(argv) as proc:
         try:
             return proc.wait(timeout=opts.timeout)
@@ -192,6 +194,21 @@ def run(opts: Options, accel: Accel) -> int:
         except KeyboardInterrupt:
             proc.terminate()
             return 130
+
+
+def how_to(opts: Options) -> list[str]:
+    """What to type next, in another terminal on this host: the control port's address and a first agent."""
+    nullctl = REPO / ".venv" / "bin" / "nullctl"
+    shown = nullctl.relative_to(Path.cwd()) if nullctl.is_relative_to(Path.cwd()) else nullctl
+    return [
+        f"control port: nullctl --connect serial:{opts.ctl_socket.resolve()}",
+        "try, from another terminal (docs/guide.md explains each step):",
+        f"  export NULLCTL_CONNECT=serial:{opts.ctl_socket.resolve()}",
+        f"  {shown} status",
+        f"  {shown} agent apply examples/agents/demo --rootfs {DEMO_ROOTFS}",
+        f"  echo demo-token | {shown} secret set DEMO_TOKEN && {shown} secret grant DEMO_TOKEN demo",
+        f"  {shown} agent start demo && {shown} ctx watch demo/",
+    ]
 
 
 def say(message: str) -> None:

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cage.defaults import DEMO_ROOTFS
 from tests.e2e.conftest import Appliance
 
-DEMO_ROOTFS = "/usr/share/nullbox/examples/demo/rootfs"  # image/guest.py
 SECRET = "journey-token-1234"
 CTX_DEADLINE = 120.0  # agent start -> its first entry, nested under TCG on a busy 2-core machine
 
@@ -108,7 +108,7 @@ def step_install(ctl: Nullctl) -> None:
             "max_memory_mb = 256": "max_memory_mb = 96",
         },
     )
-    applied = ctl.ok("agent", "apply", "demo/", "--rootfs", DEMO_ROOTFS)
+    applied = ctl.ok("agent", "apply", "demo/", "--rootfs", str(DEMO_ROOTFS))
     assert applied.startswith("demo 0.1.0 installed (manifest sha256 "), applied
     listed = ctl.json("agent", "list")["agents"]
     assert [(a["name"], a["state"], a["ok"]) for a in listed] == [("demo", "stopped", True)], listed

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import os
 import random
+import shlex
 import shutil
 import stat
 import struct
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from cage.defaults import DEMO_ROOTFS
 from image import initrd
 from image.initrd import Inputs, ModuleTree
 from nullbox import kvm
 from nullbox.kvm import Accel
+from nullctl.cli import build_parser, chosen_command
 from qemu import runner
 from qemu.runner import Options
 
@@ -498,3 +501,23 @@ def test_grub_config_uses_the_serial_console() -> None:
     assert "linux /boot/vmlinuz" in text
     assert "initrd /boot/initrd.img" in text
     assert "console=ttyS0,115200" in text
+
+
+def test_the_printed_how_to_names_the_control_port_and_real_nullctl_commands(tmp_path: Path) -> None:
+    """``make run`` ends with what to type next: every nullctl line must be a command nullctl accepts."""
+    lines = runner.how_to(Options(state=tmp_path / "vm"))
+    address = f"serial:{(tmp_path / 'vm' / 'ctl.sock').resolve()}"
+    assert lines[0] == f"control port: nullctl --connect {address}"
+    assert f"  export NULLCTL_CONNECT={address}" in lines
+    commands = [
+        shlex.split(part)
+        for line in lines
+        for part in line.replace("echo demo-token |", "").split("&&")
+        if "nullctl " in part and "--connect" not in part
+    ]
+    assert len(commands) == 6
+    for argv in commands:
+        assert argv[0].endswith("nullctl"), argv
+        build_parser(chosen_command(argv[1:])).parse_args(argv[1:])  # raises on anything nullctl would refuse
+    assert ["agent", "apply", "examples/agents/demo", "--rootfs", str(DEMO_ROOTFS)] in [a[1:] for a in commands]
+    assert (runner.REPO / "examples/agents/demo/AGENT.toml").is_file()
