@@ -20,7 +20,9 @@ goes to <tmp>/<kernel>/steps.log.
                   (NullBox <= 1/2 of Debian's)
         QEMU start -> nulld entry point, -> all services ready: host wall clock (firmware, grub, loading and
                   decompressing the kernel included, which the guest clock does not see)
-The agent VM's boot (Debian's vs the NullBox guest kernel) is not measured here yet.
+  (3) agent VMs: bench.agent_vm_boot's boot (QEMU microvm under TCG, 1 vCPU, the agent's root image and config
+      disk, its ctxgraph channel) with Debian's kernel and with the NullBox guest kernel, alternating: QEMU start ->
+      the agent's first ctxgraph write (host wall), medians; ``python -m bench.agent_vm_boot`` has the details.
 
 The ratio column compares each NullBox figure with Debian's measured in the same run.  Every process started here
 is killed with its process group on any error, SIGTERM or SIGHUP (bench.nulld_bench's Janitor); the temporary
@@ -44,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from bench.agent_vm_boot import agent_boot_seconds
+from bench.agent_vm_boot import build_kernels as build_guest_kernels
 from bench.common import Report, log, verdict
 from bench.image_bench import (
     BUILD,
@@ -60,6 +64,7 @@ from bench.image_bench import (
     tail,
 )
 from bench.nulld_bench import Janitor, load_average, signals_unwind
+from cage.guestimage import KernelKind
 from image.bootkernel import staged
 from image.build import STEPS
 from image.context import Context
@@ -274,6 +279,23 @@ def size_rows(report: Report, variants: dict[str, Variant]) -> None:
     )
 
 
+def agent_rows(report: Report, boots: int) -> None:
+    """(3): agent VMs, each kernel ``2 * boots + 1`` times, alternating."""
+    build_guest_kernels()
+    runs = 2 * boots + 1
+    times: dict[KernelKind, list[float]] = {KernelKind.DEBIAN: [], KernelKind.NULLBOX: []}
+    for index in range(runs):
+        order = (KernelKind.DEBIAN, KernelKind.NULLBOX) if index % 2 == 0 else (KernelKind.NULLBOX, KernelKind.DEBIAN)
+        for kind in order:
+            times[kind] += agent_boot_seconds(kind, 1)
+        log(f"(3) agent VM boot {index + 1}/{runs}")
+    report.section(f"(3) agent VM: QEMU start -> the agent's first ctxgraph write (host wall, median of {runs})")
+    debian = statistics.median(times[KernelKind.DEBIAN])
+    nullbox = statistics.median(times[KernelKind.NULLBOX])
+    report.add("(3) agent VM, Debian's kernel", f"{debian:.2f}", "s", "baseline")
+    report.add("(3) agent VM, NullBox guest kernel", f"{nullbox:.2f}", "s", ratio(nullbox, debian))
+
+
 def boot_rows(report: Report, runs: dict[str, list[Run]]) -> None:
     report.section("(2) BIOS boots of each ISO under TCG (medians), fresh 1 GiB data disk, 2 vCPUs, 1024 MiB")
     metrics: list[tuple[str, Callable[[Run], float]]] = [
@@ -359,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({'what make image ships' if same else 'build/ boots another kernel or is stale'}); kernel.build took "
         f"{kernel_s:.1f} s, image.build {real.wall_s:.1f} s ({real.describe()})"
     )
-    report.notes.append("agent VM boot (Debian vs NullBox guest kernel): not measured here yet")
+    agent_rows(report, settings.boots)
     if leftovers:
         report.notes.append(f"{leftovers} orphaned processes were still alive at the end and were killed")
     report.show(
