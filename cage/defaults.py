@@ -19,9 +19,9 @@ CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 CGROUP_PARENT: Final = Path("nullbox/agents")
 
 # The guest kernel and initramfs for the QEMU backend (cage.toml backend.kernel / backend.initramfs): where the image
-# is to ship what cage.guestimage.guest_files() gives at build time, i.e. the NullBox guest kernel's PVH vmlinux and
-# its module-less initramfs when that kernel is built (kernel.build guest), else Debian's extracted vmlinux and an
-# initramfs carrying its modules.  The image does not ship them yet (docs/cage.md, "Not done yet").
+# ships what cage.guestimage.guest_files() gives at build time (image/guest.py), i.e. the NullBox guest kernel's PVH
+# vmlinux and its module-less initramfs when that kernel is built (kernel.build guest), else Debian's extracted
+# vmlinux and an initramfs carrying its modules.
 GUEST_KERNEL: Final = Path("/usr/lib/nullbox/guest/vmlinux")
 GUEST_INITRAMFS: Final = Path("/usr/lib/nullbox/guest/initrd.img")
 # Example agents the image ships ready to install (image/guest.py): <dir>/<name>/{AGENT.toml,rootfs}.
