@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from bench.common import Report, log, verdict
-from bench.image_bench import first_line
+from bench.common import Report, cpu_model, first_line, log, repository_state, verdict
 from bench.nulld_bench import load_average, median, signals_unwind
 from cage import guestimage, qemu
 from cage.guestimage import GuestKernel, KernelKind
@@ -241,18 +240,8 @@ def boot_rows(report: Report, results: Results, runs: int) -> None:
 
 
 def machine_info() -> list[str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
-    if dirty:
-        commit += f" + {len(dirty)} uncommitted changes in the working tree (measured as they are)"
+    cpu = cpu_model()
+    commit = repository_state(REPO)
     return [
         f"nproc {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), {platform.machine()}, {cpu}, "
         f"kernel {platform.release()}, load average {load_average()} at start",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,3 +90,32 @@ def status_kib(pid: int, field_name: str) -> int:
     if value is None:
         raise RuntimeError(f"/proc/{pid}/status has no {field_name}")
     return int(value.split()[0])
+
+
+def first_line(argv: list[str]) -> str:
+    """The first line a command prints (stdout, else stderr), or "?": for the machine-info lines of a report."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def repository_state(repo: Path) -> str:
+    """The commit measured, and whether the working tree differs from it."""
+    commit = first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()
+    if dirty:
+        commit += f" + {len(dirty)} uncommitted changes in the working tree (measured as they are)"
+    return commit

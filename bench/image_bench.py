@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench.common import Report, log, verdict
+from bench.common import Report, cpu_model, first_line, log, repository_state, verdict
 from bench.nulld_bench import Janitor, load_average, signals_unwind
 from image.kernel import sha256_file
 from nullbox.kvm import Accel, probe_kvm
@@ -373,28 +373,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     return Settings(quick=args.quick, base=args.dir)
 
 
-def first_line(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    lines = (done.stdout or done.stderr).strip().splitlines()
-    return lines[0] if lines else "?"
-
-
 def machine_info() -> list[str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
-    if dirty:
-        commit += f" + {len(dirty)} uncommitted changes in the working tree (measured as they are)"
+    cpu = cpu_model()
+    commit = repository_state(REPO)
     kvm = probe_kvm(run_guest=False)
     return [
         f"nproc {len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}), {platform.machine()}, {cpu}, "
