@@ -11,6 +11,9 @@ from nullbox import lean_imports
 
 # Not without_ssl(): pyroute2's rtnl marshalling imports ssl.  Skipping pyroute2's __init__ still saves NDB & co.
 lean_imports.pyroute2_submodules_only()
+# NullBox uses no pydantic plugins; without this, the first model scans every installed distribution's entry points
+# (importlib.metadata), a sixth of cage's start-up on the build host and more under TCG.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 import asyncio  # noqa: E402
 
