@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from nullbox.wire import (
     Stream,
     WireError,
     bind_unix,
+    bind_vsock,
     encode,
     failure,
     invalid,
@@ -52,7 +52,6 @@ MAX_AGENT_CONNECTIONS: Final = 64
 """Per agent socket: enough for any sane agent, and a bound on what a misbehaving one can hold open."""
 MAX_ADMIN_CONNECTIONS: Final = 256
 REFUSAL_LINGER: Final = 1.0
-VSOCK_CID_ANY: Final = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -275,13 +274,9 @@ class CtxGraphServer:
         )
 
     async def _open_vsock(self, port: int) -> None:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         try:
-            sock.bind((VSOCK_CID_ANY, port))
-            sock.listen(128)
-            sock.setblocking(False)
+            sock = bind_vsock(port)
         except OSError as exc:
-            sock.close()
             log.warning("vsock port %d unavailable (%s); agents reach ctxgraph through their unix sockets", port, exc)
             return
         self._vsock = await asyncio.start_server(self._serve_vsock, sock=sock)

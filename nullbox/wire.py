@@ -602,6 +602,25 @@ def bind_unix(path: Path, mode: int = 0o600, *, uid: int | None = None, gid: int
     return sock
 
 
+#: AF_VSOCK addresses: any local CID (to listen on), and the host's (the hypervisor side of a guest's vsock).
+VSOCK_CID_ANY: Final = 0xFFFFFFFF
+VSOCK_CID_HOST: Final = 2
+
+
+def bind_vsock(port: int, backlog: int = 128) -> socket.socket:
+    """A listening, non-blocking AF_VSOCK stream socket on ``port`` for any local CID; OSError when the kernel has
+    no vsock transport for it (no virtio-vsock device, no vhost-vsock) or the port is taken."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.bind((VSOCK_CID_ANY, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 # ----------------------------------------------------------------------------------------------------- clients
 
 

@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 
 from nullbox import log as nullbox_log  # noqa: E402
 from nulld import config, frontdoor  # noqa: E402
-from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, Options, run_forever  # noqa: E402
+from nulld.init import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET, VSOCK_PORT, Options, run_forever  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         help="as PID 1 in a container or test namespace: leave the mount table and kernel settings alone",
     )
     parser.add_argument("--fallback", type=Path, help="service set to boot when --config is broken (PID 1 only)")
+    parser.add_argument(
+        "--vsock-port",
+        type=int,
+        metavar="PORT",
+        help=f"also serve the control API on this vsock port, to the host only (default {VSOCK_PORT} as PID 1, none "
+        "otherwise; 0: none)",
+    )
     parser.add_argument("--check", action="store_true", help="validate --config, print the start order, and exit")
     parser.add_argument(
         "--route",
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         mounts=not args.no_mounts,
         fallback=args.fallback,
         routes=routes,
+        vsock_port=(VSOCK_PORT if pid1 else None) if args.vsock_port is None else (args.vsock_port or None),
         started=STARTED,
         imported=imported,
     )

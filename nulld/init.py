@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from nullbox import notify
 from nullbox.wire import (
+    VSOCK_CID_HOST,
     Connection,
     ErrorCode,
     Params,
@@ -34,6 +35,7 @@ from nullbox.wire import (
     Stream,
     WireError,
     bind_unix,
+    bind_vsock,
     invalid,
     serve_connection,
 )
@@ -59,6 +61,10 @@ SIGNAL_ACTIONS: Final = {
 }
 
 
+#: The control API's vsock port (ARCHITECTURE.md: the host reaches nulld on vsock port 1024).
+VSOCK_PORT: Final = 1024
+
+
 @dataclass(frozen=True)
 class Options:
     config: Path = config_module.DEFAULT_PATH
@@ -70,6 +76,7 @@ class Options:
     routes: Mapping[str, Path] = field(default_factory=lambda: dict(frontdoor.ROUTES))
     started: float | None = None  # monotonic time nulld's entry point began (default: now)
     imported: float | None = None  # monotonic time its imports were done (boot timings show the split)
+    vsock_port: int | None = None  # the control API on AF_VSOCK too, for the host only (see _start_vsock)
 
 
 class Nulld:
@@ -82,6 +89,7 @@ class Nulld:
         self.power: asyncio.Future[PowerAction] | None = None
         self._fault: asyncio.Event | None = None
         self._control: asyncio.AbstractServer | None = None
+        self._vsock: asyncio.AbstractServer | None = None
         self._boot_notes: list[str] = []
         self._serial: asyncio.Task[None] | None = None
         self.test_hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
@@ -128,6 +136,8 @@ class Nulld:
         if self._control is not None:
             self._control.close()
             self.options.socket.unlink(missing_ok=True)
+        if self._vsock is not None:
+            self._vsock.close()
         return action
 
     async def _supervise(self) -> None:
@@ -156,6 +166,7 @@ class Nulld:
             syscalls.set_child_subreaper()
         mounts_done = time.monotonic()
         await self._start_control()  # first: whatever happens next, the control socket is there
+        await self._start_vsock()
         port = serialport.find_port()
         if port is not None:
             self._serial = asyncio.create_task(self._serve_serial(port))
@@ -194,6 +205,31 @@ class Nulld:
         self._control = await asyncio.start_unix_server(
             lambda r, w: serve_connection(r, w, self._handle, None), sock=sock
         )
+
+    async def _start_vsock(self) -> None:
+        """The control API on vsock port ``vsock_port``, when the VM has a vsock device (vhost-vsock on the host).
+
+        Only the host may use it (peer CID 2): were agent VMs ever given vsock inside the appliance, their
+        connections (CID 3 and up) would reach this port too, and nulld's API is the operator's, not theirs."""
+        if self.options.vsock_port is None:
+            return
+        try:
+            sock = bind_vsock(self.options.vsock_port)
+        except OSError as exc:
+            port = self.options.vsock_port
+            log.info("no vsock control port %d (%s): the control socket and serial port serve", port, exc)
+            return
+        self._vsock = await asyncio.start_server(self._serve_vsock, sock=sock)
+        log.info("control API on vsock port %d (host only)", self.options.vsock_port)
+
+    async def _serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        cid = peer[0] if isinstance(peer, tuple) and peer else None
+        if cid != VSOCK_CID_HOST:
+            log.warning("refused a vsock control connection from CID %s: only the host (CID 2) may use it", cid)
+            writer.close()
+            return
+        await serve_connection(reader, writer, self._handle, None)
 
     async def _serve_serial(self, port: Path) -> None:
         try:
