@@ -35,7 +35,7 @@ def test_boot_put_reboot_and_the_data_survives(image: Path, boot_dir: Path) -> N
         assert nulld["root_readonly"] is True
         status = box.wait_for_nulld() if status["services"][0]["state"] != "ready" else status
         deadline = time.monotonic() + 120
-        expected = {"egress": "ready", "ctxgraph": "ready", "uplink": "ready"}
+        expected = {"egress": "ready", "ctxgraph": "ready", "uplink": "ready", "cage": "ready"}
         while {s["name"]: s["state"] for s in status["services"]} != expected:
             assert time.monotonic() < deadline, status
             time.sleep(1)
@@ -50,6 +50,7 @@ def test_boot_put_reboot_and_the_data_survives(image: Path, boot_dir: Path) -> N
             < order.index(("ready", "egress"))
             < order.index(("spawned", "ctxgraph"))  # ctxgraph depends on egress
             < order.index(("ready", "ctxgraph"))
+            < order.index(("spawned", "cage"))  # cage depends on egress and ctxgraph
         )
         assert all(e["monotonic_s"] > 0 for e in events)  # monotonic since kernel boot
 
