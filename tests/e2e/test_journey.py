@@ -148,8 +148,14 @@ def step_start_and_watch(ctl: Nullctl) -> tuple[dict[str, Any], dict[str, Any]]:
         watch.wait()
     history = ctl.json("ctx", "history", "demo/seen")["entries"]
     assert len(history) == 1, history
-    human = ctl.ok("ctx", "query", "demo/")
-    assert "demo/seen" in human and "demo/heartbeat" in human, human
+
+    # the human listing, once the first heartbeat followed demo/seen (the watch may have seen only the latter)
+    def listing() -> str | None:
+        text = ctl.ok("ctx", "query", "demo/")
+        return text if "demo/heartbeat" in text else None
+
+    human = wait_until("demo/heartbeat in ctx query", listing)
+    assert "demo/seen" in human and "demo/heartbeat" in human and "demo   " in human, human
     return started, history[0]
 
 
