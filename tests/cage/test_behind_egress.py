@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +44,7 @@ from ctxgraph.process import ServerProcess
 from nullbox import kvm
 from nullbox.daemon import DaemonProcess
 from tests.cage.agent_rootfs import build_agent_rootfs
-from tests.cage.test_daemon import CageProcess, running
+from tests.cage.test_daemon import CageProcess, manifest, running
 from tests.egress.conftest import EgressProcess
 from tests.egress.topology import DNS_SERVER, UPLINK, WEB, Topology, served
 
@@ -103,32 +102,6 @@ exec sleep 100000
 """
 
 PROBE: Final = re.compile(r"probe: (\S+) ?(.*)$")
-
-
-def agent_manifest() -> str:
-    env = {
-        "ALLOWED_NAME": ALLOWED_NAME,
-        "OTHER_NAME": OTHER_NAME,
-        "OTHER_ADDRESS": OTHER_ADDRESS,
-        "PORT": str(PORT),
-        "DIAL_WAIT": str(DIAL_WAIT),
-    }
-    env_text = ", ".join(f'{k} = "{v}"' for k, v in env.items())
-    return textwrap.dedent(
-        f"""\
-        [agent]
-        name = "{AGENT}"
-        command = ["/agent/run"]
-        env = {{ {env_text} }}
-        restart = "never"
-
-        [capabilities]
-        max_cpu_percent = 50
-        max_memory_mb = 128
-        credential_refs = []
-        network.allow = ["{ALLOWED_NAME}"]
-        """
-    )
 
 
 class Cage(CageProcess):
@@ -280,7 +253,17 @@ def test_an_agent_vm_reaches_its_allowed_host_and_not_another(run: Run) -> None:
     script = source / "rootfs" / "agent" / "run"
     script.write_text(PROBE_SCRIPT)
     script.chmod(0o755)
-    (source / "AGENT.toml").write_text(agent_manifest())
+    (source / "AGENT.toml").write_text(
+        manifest(
+            AGENT,
+            allow=[ALLOWED_NAME],
+            ALLOWED_NAME=ALLOWED_NAME,
+            OTHER_NAME=OTHER_NAME,
+            OTHER_ADDRESS=OTHER_ADDRESS,
+            PORT=str(PORT),
+            DIAL_WAIT=str(DIAL_WAIT),
+        )
+    )
     run.cage.call("apply", path=str(source))
 
     started = run.cage.call("start", agent=AGENT)["agent"]

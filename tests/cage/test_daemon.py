@@ -22,7 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,9 +65,17 @@ exit "${STATUS:-0}"
 """
 
 
-def manifest(name: str, *, restart: str = "never", credentials: bool = False, **env: str) -> str:
+def manifest(
+    name: str,
+    *,
+    restart: str = "never",
+    credentials: bool = False,
+    allow: Sequence[str] = ("api.example.com", "*.github.com:8443"),
+    **env: str,
+) -> str:
     env_text = ", ".join(f'{k} = "{v}"' for k, v in env.items())
     refs = '"TOKEN"' if credentials else ""
+    allowed = ", ".join(f'"{a}"' for a in allow)
     return textwrap.dedent(
         f"""\
         [agent]
@@ -80,7 +88,7 @@ def manifest(name: str, *, restart: str = "never", credentials: bool = False, **
         max_cpu_percent = 50
         max_memory_mb = 128
         credential_refs = [{refs}]
-        network.allow = ["api.example.com", "*.github.com:8443"]
+        network.allow = [{allowed}]
         """
     )
 
