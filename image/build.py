@@ -6,7 +6,7 @@ it, and SOURCE_DATE_EPOCH) matches the one recorded when its outputs were last b
     kernel      Debian's kernel package -> build/kernel/{vmlinuz,version,modules/}
     rootfs      mkosi tree, nullbox installed, trimmed -> build/rootfs/
     guest       agent VMs' kernel and initramfs, the demo agent -> build/rootfs/usr/{lib,share}/nullbox/...
-    squashfs    build/rootfs -> build/rootfs.squashfs (+ .sha256)
+    squashfs    build/rootfs -> build/rootfs.squashfs (+ .sha256), its dm-verity tree rootfs.verity (+ .json)
     bootkernel  the kernel the appliance boots: the NullBox one when built (make kernel), else Debian's
                 -> build/boot/{vmlinuz,config,version,kernel.json}
     initrd      busybox initramfs that verifies and mounts the squashfs -> build/initrd.img
@@ -58,7 +58,11 @@ STEPS: Final = (
             "rootfs/usr/share/nullbox/examples/demo/rootfs",
         ),
     ),
-    Step("squashfs", "image.squashfs", ("rootfs.squashfs", "rootfs.squashfs.sha256")),
+    Step(
+        "squashfs",
+        "image.squashfs",
+        ("rootfs.squashfs", "rootfs.squashfs.sha256", "rootfs.verity", "rootfs.verity.json"),
+    ),
     Step("bootkernel", "image.bootkernel", ("boot/vmlinuz", "boot/config", "boot/version", "boot/kernel.json")),
     Step("initrd", "image.initrd", ("initrd.img",)),
     Step("iso", "image.iso", ("nullbox.iso",)),

@@ -1,7 +1,8 @@
 """Build step: the busybox initramfs that verifies and mounts the SquashFS root -> build/initrd.img.
 
 Contents: the host's static busybox (package busybox-static) with every applet as a symlink, /init
-(image/initramfs/init), the expected SHA-256 and size of build/rootfs.squashfs in /etc/nullbox/, and, only when the
+(image/initramfs/init), /bin/nb-verity (image/initramfs/nb-verity.c, compiled here: static, no libraries), the
+dm-verity numbers and root hash of build/rootfs.squashfs in /etc/nullbox/rootfs.verity, and, only when the
 kernel the bootkernel step chose has loadable modules (Debian's), the few modules the boot and the appliance's
 devices need (listed below, plus their dependencies from each module's .modinfo, in load order in
 /lib/modules/<ver>/nullbox.load{,-late}).  The NullBox kernel has everything built in: no lib/modules at all.
@@ -19,19 +20,31 @@ import hashlib
 import stat
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
 
+from image import squashfs
 from image.bootkernel import OUT as BOOT_DIR
 from image.bootkernel import staged
 from image.context import Context
 from image.kernel import sha256_file
+from image.verity import BLOCK, Verity
 
-INPUTS: Final[list[str]] = ["image/initrd.py", "image/initramfs", "image/kernel.py", "image/bootkernel.py"]
+INPUTS: Final[list[str]] = [
+    "image/initrd.py",
+    "image/initramfs",
+    "image/kernel.py",
+    "image/bootkernel.py",
+    "image/squashfs.py",
+    "image/verity.py",
+]
 BUSYBOX: Final = Path("/bin/busybox")  # Debian's busybox-static
 INIT_SCRIPT: Final = "image/initramfs/init"
+VERITY_HELPER: Final = "image/initramfs/nb-verity.c"
+CC: Final = ("gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror")
 
 # (module, required): a required module that fails to load is reported on the console; the others are
 # hardware-specific and fail quietly.  Dependencies (modinfo "depends", and "softdep pre:" when it names a
@@ -59,9 +72,10 @@ BOOT_MODULES: Final[tuple[tuple[str, bool], ...]] = (
     ("ehci_pci", False),
     ("usb_storage", False),
     ("uas", False),
-    # filesystems: the CD, the root image (a loop device on the CD's file), the NULLBOX-DATA disk
+    # filesystems: the CD, the root image (a loop device on the CD's file, checked by dm-verity), the NULLBOX-DATA disk
     ("isofs", True),
     ("loop", True),
+    ("dm_verity", True),
     ("squashfs", True),
     ("ext4", True),
 )
@@ -318,8 +332,8 @@ class Inputs:
     kernel_version: str
     # (path under lib/modules/<ver>, required, contents) in load order; none: no lib/modules in the archive at all
     modules: list[tuple[str, bool, bytes]]
-    rootfs_sha256: str
-    rootfs_size: int
+    verity: Verity
+    nb_verity: bytes  # the compiled helper
     late: frozenset[str] = frozenset()  # paths of the modules /init loads in the background
 
 
@@ -330,16 +344,17 @@ def load_kind(path: str, required: bool) -> str:
 
 
 def entries(inputs: Inputs) -> list[Entry]:
-    if len(inputs.rootfs_sha256) != 64 or inputs.rootfs_sha256.strip("0123456789abcdef"):
-        raise ValueError(f"bad rootfs SHA-256 {inputs.rootfs_sha256!r}")
+    root = inputs.verity.root_hash
+    if len(root) != 64 or root.strip("0123456789abcdef"):
+        raise ValueError(f"bad dm-verity root hash {root!r}")
     out = [
         regular("init", inputs.init, 0o755),
         regular("bin/busybox", inputs.busybox, 0o755),
+        regular("bin/nb-verity", inputs.nb_verity, 0o755),
         chardev("dev/console", 5, 1),
         chardev("dev/null", 1, 3, 0o666),
         *(directory(d) for d in ("proc", "sys", "run", "medium", "newroot", "tmp", "sbin", "usr/bin", "usr/sbin")),
-        regular("etc/nullbox/rootfs.sha256", inputs.rootfs_sha256.encode() + b"\n"),
-        regular("etc/nullbox/rootfs.size", b"%d\n" % inputs.rootfs_size),
+        regular("etc/nullbox/rootfs.verity", inputs.verity.initramfs_line()),
     ]
     if inputs.modules:
         moddir = f"lib/modules/{inputs.kernel_version}"
@@ -369,17 +384,39 @@ def kernel_modules(module_tree: Path | None) -> tuple[list[tuple[str, bool, byte
     return modules, frozenset(path for path, _ in order if path not in boot)
 
 
+def root_verity(build: Path) -> Verity:
+    """The squashfs step's dm-verity record, checked against the image and tree it describes (a stale record would
+    make the appliance refuse its own root)."""
+    image, tree = build / "rootfs.squashfs", build / squashfs.TREE
+    verity = Verity.from_json((build / squashfs.RECORD).read_text())
+    actual = sha256_file(image)
+    if actual != verity.image_sha256:
+        raise RuntimeError(
+            f"{squashfs.RECORD} is for an image hashing to {verity.image_sha256}, {image.name} to {actual}"
+        )
+    for path, blocks in ((image, verity.data_blocks), (tree, verity.hash_blocks)):
+        if path.stat().st_size != blocks * BLOCK:
+            raise RuntimeError(f"{path.name} is {path.stat().st_size} bytes, {squashfs.RECORD} says {blocks} blocks")
+    return verity
+
+
+def compile_verity_helper(ctx: Context) -> bytes:
+    """nb-verity, static (the initramfs has no libraries), stripped; compiled into a scratch directory."""
+    with tempfile.TemporaryDirectory(dir=ctx.out, prefix=".nb-verity-") as scratch:
+        binary = Path(scratch) / "nb-verity"
+        ctx.run([*CC, "-o", str(binary), str(ctx.repo / VERITY_HELPER)])
+        data = binary.read_bytes()
+    if not is_static_elf(data):
+        raise RuntimeError(f"{VERITY_HELPER} did not compile to a static executable")
+    return data
+
+
 def build(ctx: Context) -> None:
     boot = ctx.out / BOOT_DIR
     version = (boot / "version").read_text().strip()
     config = (boot / "config").read_text()
     record, module_tree = staged(ctx.out)
-    sha_file, squashfs = ctx.out / "rootfs.squashfs.sha256", ctx.out / "rootfs.squashfs"
-    expected = sha_file.read_text().split()[0].lower()
-    size = squashfs.stat().st_size
-    actual = sha256_file(squashfs)
-    if actual != expected:  # a stale .sha256 would make the appliance refuse its own root
-        raise RuntimeError(f"{sha_file.name} says {expected} but {squashfs.name} hashes to {actual}")
+    verity = root_verity(ctx.out)
     if not BUSYBOX.is_file():
         raise RuntimeError(f"{BUSYBOX} is missing: apt-get install busybox-static")
     busybox = BUSYBOX.read_bytes()
@@ -393,8 +430,9 @@ def build(ctx: Context) -> None:
     ctx.log(
         f"initrd: {record['kernel']} kernel {version}, {len(modules)} modules "
         f"({sum(len(m[2]) for m in modules) // 1024} KiB), busybox "
-        f"{len(busybox) // 1024} KiB, {len(applets)} applets, root sha256 {expected[:16]}..."
+        f"{len(busybox) // 1024} KiB, {len(applets)} applets, root hash {verity.root_hash[:16]}..."
     )
+    helper = compile_verity_helper(ctx)
     inputs = Inputs(
         init=(ctx.repo / INIT_SCRIPT).read_bytes(),
         busybox=busybox,
@@ -402,8 +440,8 @@ def build(ctx: Context) -> None:
         kernel_version=version,
         modules=modules,
         late=late,
-        rootfs_sha256=expected,
-        rootfs_size=size,
+        verity=verity,
+        nb_verity=helper,
     )
     archive = initramfs(inputs, ctx.source_date_epoch)
     method = kernel_compression(config)

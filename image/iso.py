@@ -5,6 +5,7 @@ partition image), made by grub-mkrescue from:
   /boot/vmlinuz                build/boot/vmlinuz (the bootkernel step's choice: NullBox's or Debian's)
   /boot/initrd.img             build/initrd.img
   /nullbox/rootfs.squashfs     build/rootfs.squashfs
+  /nullbox/rootfs.verity       build/rootfs.verity (its dm-verity hash tree; the root hash is in the initramfs)
 
 Reproducible: staged files get mtime SOURCE_DATE_EPOCH, and xorriso and mtools honour SOURCE_DATE_EPOCH for the
 volume, file and FAT dates.  The one thing left is the volume UUID grub-mkrescue derives from the wall clock (to
@@ -39,6 +40,7 @@ def layout(ctx: Context) -> dict[str, Path]:
         "boot/vmlinuz": ctx.out / BOOT_DIR / "vmlinuz",
         "boot/initrd.img": ctx.out / "initrd.img",
         "nullbox/rootfs.squashfs": ctx.out / "rootfs.squashfs",
+        "nullbox/rootfs.verity": ctx.out / "rootfs.verity",
     }
 
 

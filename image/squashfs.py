@@ -1,4 +1,5 @@
-"""Build step squashfs: build/rootfs/ packed into build/rootfs.squashfs, plus its SHA-256 in rootfs.squashfs.sha256.
+"""Build step squashfs: build/rootfs/ packed into build/rootfs.squashfs, plus its SHA-256 in rootfs.squashfs.sha256,
+and its dm-verity hash tree (image/verity.py) in rootfs.verity with the root hash in rootfs.verity.json.
 
 Reproducible: the same tree and SOURCE_DATE_EPOCH give the same bytes.  mksquashfs (4.5.1) sorts directories
 itself and is reproducible by default (said anyway with -reproducible); every timestamp is the epoch, every file is
@@ -12,9 +13,12 @@ import hashlib
 from pathlib import Path
 from typing import Final
 
+from image import verity
 from image.context import Context
 
-INPUTS: Final[list[str]] = []  # build/rootfs, which the orchestrator covers through the rootfs step's digest
+INPUTS: Final[list[str]] = ["image/verity.py"]  # and build/rootfs, covered through the rootfs step's digest
+TREE: Final = "rootfs.verity"
+RECORD: Final = "rootfs.verity.json"
 COMPRESSION: Final = ("-comp", "zstd", "-Xcompression-level", "19", "-b", "128K")
 
 
@@ -58,7 +62,16 @@ def pack(ctx: Context, tree: Path, image: Path) -> str:
 def build(ctx: Context) -> None:
     image = ctx.out / "rootfs.squashfs"
     checksum = ctx.out / "rootfs.squashfs.sha256"
-    checksum.unlink(missing_ok=True)
+    tree, record = ctx.out / TREE, ctx.out / RECORD
+    for stale in (checksum, tree, record):
+        stale.unlink(missing_ok=True)
     hexdigest = pack(ctx, ctx.out / "rootfs", image)
     checksum.write_text(hexdigest + "\n")
     ctx.log(f"squashfs: {image.relative_to(ctx.repo)} {image.stat().st_size / 2**20:.1f} MiB, sha256 {hexdigest}")
+    partial = tree.with_name(tree.name + ".partial")
+    made = verity.build_tree(image, partial)
+    if made.image_sha256 != hexdigest:
+        raise RuntimeError(f"squashfs: {image.name} changed while its hash tree was built")
+    partial.replace(tree)
+    record.write_text(made.to_json() + "\n")
+    ctx.log(f"squashfs: dm-verity tree {tree.name} {made.hash_blocks} blocks, root hash {made.root_hash}")

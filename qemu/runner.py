@@ -10,8 +10,9 @@
   ``mkfs.ext4 -L NULLBOX-DATA``.  The appliance never formats anything itself.
 - ``--uefi`` boots OVMF (its variable store copied to <state>/OVMF_VARS.fd); BIOS is SeaBIOS.
 - ``--direct`` skips firmware and the ISO: QEMU loads build/boot/vmlinuz and build/initrd.img itself and the
-  SquashFS is a read-only virtio disk with serial nullbox-root, named on the kernel command line by
-  ``nullbox.root=serial:nullbox-root`` (see image/initramfs/init); ``--append`` adds to that command line
+  SquashFS and its dm-verity hash tree are read-only virtio disks with serials nullbox-root and nullbox-hash, named
+  on the kernel command line by ``nullbox.root=serial:nullbox-root nullbox.hash=serial:nullbox-hash`` (see
+  image/initramfs/init); ``--append`` adds to that command line
   (e.g. ``loglevel=7``, ``nullbox.onfail=halt``).
 - The serial console is on stdio (Ctrl-A X quits, Ctrl-A C is the QEMU monitor); ``--log`` also copies it to a
   file.  ``--timeout`` stops QEMU after that many seconds (exit status 124).
@@ -39,6 +40,7 @@ DATA_LABEL: Final = "NULLBOX-DATA"
 DATA_SIZE: Final = 1 << 30
 CTL_PORT: Final = "org.nullbox.ctl"
 ROOT_SERIAL: Final = "nullbox-root"
+HASH_SERIAL: Final = "nullbox-hash"  # the root image's dm-verity hash tree
 KERNEL_CMDLINE: Final = "console=ttyS0,115200 quiet panic=10"
 TIMEOUT_STATUS: Final = 124
 
@@ -102,11 +104,14 @@ def qemu_argv(opts: Options, accel: Accel, *, vsock: bool | None = None) -> list
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_v(OVMF_CODE)}"]
         argv += ["-drive", f"if=pflash,format=raw,unit=1,file={_v(opts.ovmf_vars)}"]
     if opts.direct:
-        cmdline = f"{KERNEL_CMDLINE} nullbox.root=serial:{ROOT_SERIAL} {opts.append}".strip()
+        cmdline = f"{KERNEL_CMDLINE} nullbox.root=serial:{ROOT_SERIAL} nullbox.hash=serial:{HASH_SERIAL} {opts.append}"
+        cmdline = cmdline.strip()
         argv += ["-kernel", str(opts.build / "boot" / "vmlinuz"), "-initrd", str(opts.build / "initrd.img")]
         argv += ["-append", cmdline]
         argv += ["-drive", f"file={_v(opts.build / 'rootfs.squashfs')},format=raw,if=none,id=root,readonly=on"]
         argv += ["-device", f"virtio-blk-pci,drive=root,serial={ROOT_SERIAL}"]
+        argv += ["-drive", f"file={_v(opts.build / 'rootfs.verity')},format=raw,if=none,id=hash,readonly=on"]
+        argv += ["-device", f"virtio-blk-pci,drive=hash,serial={HASH_SERIAL}"]
     else:
         argv += ["-drive", f"file={_v(opts.iso_path)},format=raw,if=none,id=cd,media=cdrom,readonly=on"]
         argv += ["-device", "ide-cd,drive=cd,bootindex=0"]
@@ -150,6 +155,7 @@ def prepare(opts: Options) -> list[str]:
     """Check the inputs and create what the VM needs on the host; returns notes for the user."""
     notes: list[str] = []
     needed = [opts.build / "boot" / "vmlinuz", opts.build / "initrd.img", opts.build / "rootfs.squashfs"]
+    needed.append(opts.build / "rootfs.verity")
     needed = needed if opts.direct else [opts.iso_path]
     if opts.uefi:
         needed += [OVMF_CODE, OVMF_VARS]

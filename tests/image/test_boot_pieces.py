@@ -4,7 +4,6 @@ module ordering, and the init script's root-image check (run under the host's bu
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import random
 import shlex
@@ -19,6 +18,7 @@ import pytest
 from cage.defaults import DEMO_ROOTFS
 from image import initrd
 from image.initrd import Inputs, ModuleTree
+from image.verity import Verity
 from nullbox import kvm
 from nullbox.kvm import Accel
 from nullctl.cli import build_parser, chosen_command
@@ -290,8 +290,8 @@ def _inputs(applets: list[str], modules: list[tuple[str, bool, bytes]] | None = 
         modules=modules
         if modules is not None
         else [("kernel/a.ko", True, b"A" * 5), ("kernel/x/kvm-intel.ko", False, b"B" * 3)],
-        rootfs_sha256="ab" * 32,
-        rootfs_size=4096,
+        verity=Verity(data_blocks=3, hash_blocks=1, root_hash="ab" * 32, salt="cd" * 32, image_sha256="ef" * 32),
+        nb_verity=b"\x7fELF fake nb-verity",
         late=frozenset({"kernel/x/kvm-intel.ko"}),
     )
 
@@ -335,8 +335,8 @@ def test_initramfs_archive_is_reproducible_and_well_formed() -> None:
     assert by_name["bin/sh"][5] == b"/bin/busybox"
     assert stat.S_ISLNK(by_name["bin/sh"][1])
     assert stat.S_ISDIR(by_name["usr/bin"][1])  # parents are added
-    assert by_name["etc/nullbox/rootfs.sha256"][5] == b"ab" * 32 + b"\n"
-    assert by_name["etc/nullbox/rootfs.size"][5] == b"4096\n"
+    assert by_name["etc/nullbox/rootfs.verity"][5] == b"3 1 " + b"ab" * 32 + b" " + b"cd" * 32 + b"\n"
+    assert by_name["bin/nb-verity"][1] == stat.S_IFREG | 0o755
     moddir = "lib/modules/6.1.0-99-amd64"
     assert by_name[f"{moddir}/nullbox.load"][5] == b"need kernel/a.ko\n"
     assert by_name[f"{moddir}/nullbox.load-late"][5] == b"want:vmx kernel/x/kvm-intel.ko\n"
@@ -348,7 +348,7 @@ def test_initramfs_for_a_kernel_without_modules_has_no_lib_modules() -> None:
     """The NullBox kernel has everything built in: no module lists, no .ko files, no lib/modules directory."""
     members = {m[0]: m for m in _read_newc(initrd.initramfs(_inputs(["bin/sh", "sbin/insmod"], modules=[]), EPOCH))}
     assert not [name for name in members if name == "lib" or name.startswith("lib/")]
-    assert {"init", "bin/busybox", "etc/nullbox/rootfs.sha256", "dev/console"} <= set(members)
+    assert {"init", "bin/busybox", "bin/nb-verity", "etc/nullbox/rootfs.verity", "dev/console"} <= set(members)
     assert initrd.kernel_modules(None) == ([], frozenset())
 
 
@@ -356,7 +356,7 @@ def test_initramfs_for_a_kernel_without_modules_has_no_lib_modules() -> None:
 def test_host_cpio_reads_the_archive(tmp_path: Path) -> None:
     archive = initrd.initramfs(_inputs(["bin/sh"]), EPOCH)
     listing = subprocess.run(["cpio", "-t", "--quiet"], input=archive, capture_output=True, check=True).stdout
-    assert b"etc/nullbox/rootfs.sha256" in listing.split(b"\n")
+    assert b"etc/nullbox/rootfs.verity" in listing.split(b"\n")
     assert b"dev/console" in listing.split(b"\n")
 
 
@@ -365,8 +365,8 @@ def test_archive_rejects_bad_paths_and_hashes() -> None:
         initrd.newc_archive([initrd.regular("../etc/passwd", b"")], EPOCH)
     with pytest.raises(ValueError, match="twice"):
         initrd.newc_archive([initrd.regular("a", b""), initrd.regular("a", b"")], EPOCH)
-    bad = Inputs(b"", b"", [], "v", [], "not-a-hash", 0)
-    with pytest.raises(ValueError, match="SHA-256"):
+    bad = Inputs(b"", b"", [], "v", [], Verity(1, 0, "not-a-hash", "", "ef" * 32), b"")
+    with pytest.raises(ValueError, match="root hash 'not-a-hash'"):
         initrd.entries(bad)
 
 
@@ -430,62 +430,35 @@ def test_init_script_parses() -> None:
     assert INIT.stat().st_mode & 0o111
 
 
-def test_init_accepts_the_expected_image(tmp_path: Path, busybox_path: str) -> None:
-    image = tmp_path / "rootfs.squashfs"
-    image.write_bytes(b"hsqs" + bytes(4092))
-    good = hashlib.sha256(image.read_bytes()).hexdigest()
-    done = _init_shell(busybox_path, f'nb_verify "{image}" {good} 4096 && echo ACCEPTED')
+def test_init_hands_the_verity_table_to_nb_verity(tmp_path: Path, busybox_path: str) -> None:
+    """nb_verity_open: read-only loop devices for the image and tree files, and the table from /etc/nullbox (the
+    kernel side, with block devices, is tests/image/test_verity.py's VM test); nb-verity is a recorder here."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "rootfs.verity").write_text(f"3 1 {'ab' * 32} {'cd' * 32}\n")
+    recorder = Path(busybox_path) / "nb-verity"
+    recorder.write_text('#!/bin/sh\nfor a in "$@"; do echo "ARG $a"; done\necho /dev/dm-7\n')
+    recorder.chmod(0o755)
+    # a shell function wins over busybox's own applet; each -f answers the next free device (a counter file: the
+    # calls run in command substitutions)
+    counter = tmp_path / "loops"
+    counter.write_text("5")
+    losetup = (
+        f'losetup() {{ n=$(cat "{counter}"); if [ "$1" = -f ]; then echo /dev/loop$n; '
+        f'else echo "LOSETUP $*" >&2; echo $((n + 1)) >"{counter}"; fi; }}'
+    )
+    done = _init_shell(busybox_path, f'{losetup}; NB_ETC="{etc}"; nb_verity_open /nb/image /nb/tree && echo OPENED')
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ACCEPTED"
-
-
-def test_init_refuses_an_image_whose_hash_differs(tmp_path: Path, busybox_path: str) -> None:
-    image = tmp_path / "rootfs.squashfs"
-    image.write_bytes(b"hsqs" + bytes(4092))
-    expected = hashlib.sha256(image.read_bytes()).hexdigest()
-    flipped = bytearray(image.read_bytes())
-    flipped[1000] ^= 1
-    image.write_bytes(bytes(flipped))
-    got = hashlib.sha256(flipped).hexdigest()
-    done = _init_shell(busybox_path, f'nb_verify "{image}" {expected} 4096 || echo REFUSED')
     assert done.stdout.splitlines() == [
-        f"NullBox: root image verification FAILED (expected {expected}, got {got}); refusing to boot",
-        "REFUSED",
+        "ARG nullbox-root",
+        "ARG 24",
+        f"ARG 1 /dev/loop5 /dev/loop6 4096 4096 3 0 sha256 {'ab' * 32} {'cd' * 32}",
+        "/dev/dm-7",
+        "OPENED",
     ]
-    # an empty expectation (a broken build) never passes, even for an empty image
-    image.write_bytes(b"")
-    assert "FAILED (expected <none>," in _init_shell(busybox_path, f'nb_verify "{image}" "" 0').stdout
-
-
-def test_init_copies_exactly_the_image_into_a_read_only_ram_filesystem(tmp_path: Path, busybox_path: str) -> None:
-    # A padded "device": the image is the first 8192 bytes; the copy must stop there, land on a tmpfs that is then
-    # read-only, and be what nb_verify accepts.  A private mount namespace keeps the host's mount table untouched.
-    if BUSYBOX is None:
-        pytest.skip("busybox is not installed")
-    image = bytes(range(256)) * 32
-    source = tmp_path / "device"
-    source.write_bytes(image + b"padding past the image")
-    ram = tmp_path / "ram"
-    script = (
-        f'NB_RAM="{ram}"; nb_copy_to_ram "{source}" {len(image)} || exit 9; '
-        f'nb_verify "$NB_RAM/rootfs.squashfs" {hashlib.sha256(image).hexdigest()} {len(image)} && echo ACCEPTED; '
-        'grep " $NB_RAM " /proc/self/mounts; touch "$NB_RAM/x" 2>/dev/null || echo READ-ONLY; '
-        'wc -c <"$NB_RAM/rootfs.squashfs"'
-    )
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", BUSYBOX, "sh", "-c", f'. "$1"; {script}', "sh", str(INIT)],
-        capture_output=True,
-        text=True,
-        env={"PATH": busybox_path},
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0] == "ACCEPTED"
-    mount = lines[1].split()
-    assert mount[:3] == ["tmpfs", str(ram), "tmpfs"] and "ro" in mount[3].split(",")
-    assert lines[2:] == ["READ-ONLY", str(len(image))]
+    assert done.stderr.splitlines() == ["LOSETUP -r /dev/loop5 /nb/image", "LOSETUP -r /dev/loop6 /nb/tree"]
+    (etc / "rootfs.verity").unlink()
+    assert _init_shell(busybox_path, f'NB_ETC="{etc}"; nb_verity_open a b || echo REFUSED').stdout.endswith("REFUSED\n")
 
 
 def test_init_fail_never_powers_off_unless_pid_1(busybox_path: str) -> None:
