@@ -42,6 +42,7 @@ MODULE_OPTIONS = {
     "uas": "CONFIG_USB_UAS",
     "isofs": "CONFIG_ISO9660_FS",
     "loop": "CONFIG_BLK_DEV_LOOP",
+    "dm_verity": "CONFIG_DM_VERITY",
     "squashfs": "CONFIG_SQUASHFS",
     "ext4": "CONFIG_EXT4_FS",
     "overlay": "CONFIG_OVERLAY_FS",
