@@ -28,7 +28,14 @@ from image.bootkernel import OUT as BOOT_DIR
 from image.context import Context
 from image.kernel import fetch_deb
 
-INPUTS: Final[list[str]] = ["image/iso.py", "image/grub.cfg", "image/kernel.py", "image/bootkernel.py"]
+INPUTS: Final[list[str]] = [
+    "image/iso.py",
+    "image/grub.cfg",
+    "image/kernel.py",
+    "image/bootkernel.py",
+    "image/grub_mformat.py",
+]
+MFORMAT_WRAPPER: Final = Path(__file__).resolve().parent / "grub_mformat.py"
 FAKETIME_PACKAGE: Final = "libfaketime"
 FAKETIME_LIBRARY: Final = "usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
@@ -91,13 +98,20 @@ MODULES: Final = "normal configfile echo test linux serial terminal iso9660 sear
 def build(ctx: Context) -> None:
     staging = ctx.out / "iso-staging"
     stage(ctx, staging)
-    env = faketime_env(ctx)
+    frozen = faketime_env(ctx)
     target = ctx.out / "nullbox.iso"
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
     argv = ["grub-mkrescue", "-o", str(partial), "--locales=", "--themes=", "--fonts=", "--install-modules", MODULES]
     argv.append(str(staging))
+    tools = ctx.out / "iso-tools"  # grub_mformat.py as the mformat grub-mkrescue runs: a 1 MiB EFI image
+    shutil.rmtree(tools, ignore_errors=True)
+    tools.mkdir()
+    (tools / "mformat").symlink_to(MFORMAT_WRAPPER)
+    env = {**(frozen or ctx.env())}
+    env["PATH"] = f"{tools}{os.pathsep}{env.get('PATH', os.defpath)}"
     ctx.run(argv, env=env)
     partial.replace(target)
     shutil.rmtree(staging)
-    ctx.log(f"iso: {target.stat().st_size // 1024} KiB, {'reproducible' if env else 'volume UUID from the clock'}")
+    shutil.rmtree(tools)
+    ctx.log(f"iso: {target.stat().st_size // 1024} KiB, {'reproducible' if frozen else 'volume UUID from the clock'}")

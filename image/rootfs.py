@@ -695,6 +695,33 @@ def compile_bytecode(ctx: Context, tree: Path) -> None:
         raise RuntimeError(f"rootfs: no bytecode for {len(missing)} modules, e.g. {missing[:5]}")
 
 
+def drop_sources(ctx: Context, tree: Path) -> None:
+    """Ship bytecode only, except for NullBox's own packages: each other module's ``__pycache__/X.cpython-311.pyc``
+    becomes ``X.pyc`` beside it (where Python's sourceless loader finds it) and ``X.py`` goes.
+
+    Why: the sources of the standard library and the dependencies are ~2.7 MB of the compressed image and nothing
+    on the appliance reads them (no debugger, no inspect.getsource); their tracebacks keep file and line numbers.
+    NullBox's packages keep theirs, so its own tracebacks show the code.  Sourceless modules also skip the
+    source's stat at import.
+    """
+    ours = {f"usr/lib/python3/dist-packages/{name}" for name in project_packages()}
+    dropped = size = 0
+    for directory in PYTHON_DIRS:
+        for module in sorted((tree / directory).rglob("*.py")):
+            relative = module.relative_to(tree)
+            if any(str(relative).startswith(f"{package}/") for package in ours):
+                continue
+            cache = module.parent / "__pycache__" / f"{module.stem}.cpython-311.pyc"
+            size += module.stat().st_size
+            cache.replace(module.with_suffix(".pyc"))
+            module.unlink()
+            dropped += 1
+        for cache in sorted((tree / directory).rglob("__pycache__"), reverse=True):
+            if not any(cache.iterdir()):
+                cache.rmdir()
+    ctx.log(f"rootfs: {dropped} modules as bytecode only ({size / 2**20:.1f} MiB of sources left out)")
+
+
 def check(ctx: Context, tree: Path) -> None:
     bad = forbidden(image_paths(tree))
     if bad:
@@ -721,6 +748,7 @@ def build(ctx: Context) -> None:
     (tree / "var").mkdir(mode=MOUNT_POINTS["var"])
     harden(tree)
     compile_bytecode(ctx, tree)
+    drop_sources(ctx, tree)
     check(ctx, tree)
     size = sum(f.lstat().st_size for f in tree.rglob("*") if not f.is_symlink() and f.is_file())
     ctx.log(f"rootfs: {tree.relative_to(ctx.repo)} holds {size / 2**20:.1f} MiB")

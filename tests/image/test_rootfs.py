@@ -299,14 +299,22 @@ def test_image_etc(built: dict[str, Entry]) -> None:
 
 @needs_image
 def test_image_has_bytecode_for_every_module(built: dict[str, Entry]) -> None:
-    modules = [p for p in built if p.endswith(".py") and p.startswith(("/usr/lib/python3.11/", "/usr/lib/python3/"))]
-    assert len(modules) > 500
+    """NullBox's packages: source and __pycache__ bytecode; everything else: sourceless X.pyc only."""
+    python = ("/usr/lib/python3.11/", "/usr/lib/python3/")
+    ours = tuple(f"/usr/lib/python3/dist-packages/{name}/" for name in rootfs.project_packages())
+    sources = [p for p in built if p.endswith(".py") and p.startswith(python)]
+    assert sources and all(p.startswith(ours) for p in sources), [p for p in sources if not p.startswith(ours)][:5]
     missing = [
         m
-        for m in modules
+        for m in sources
         if f"{m.rsplit('/', 1)[0]}/__pycache__/{m.rsplit('/', 1)[1][:-3]}.cpython-311.pyc" not in built
     ]
     assert missing == []
+    sourceless = [p for p in built if p.endswith(".pyc") and "/__pycache__/" not in p and p.startswith(python)]
+    assert len(sourceless) > 500
+    for module in ("/usr/lib/python3.11/asyncio/__init__.pyc", "/usr/lib/python3/dist-packages/pydantic/main.pyc"):
+        assert module in built, module
+    assert not [p for p in built if "/__pycache__/" in p and not p.startswith(ours)][:5]
 
 
 @needs_image
