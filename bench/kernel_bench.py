@@ -76,7 +76,13 @@ KERNELS: Final = ("debian", "nullbox")  # the baseline first
 NAMES: Final = {"debian": "Debian", "nullbox": "NullBox"}
 FROM_STEP: Final = "bootkernel"  # the image build's steps from here on depend on the kernel
 LINKED: Final = (
-    "kernel", "kernel-nullbox", "cache", "rootfs.squashfs", "rootfs.squashfs.sha256", "rootfs.verity", "rootfs.verity.json"
+    "kernel",
+    "kernel-nullbox",
+    "cache",
+    "rootfs.squashfs",
+    "rootfs.squashfs.sha256",
+    "rootfs.verity",
+    "rootfs.verity.json",
 )  # from build/
 TARGET_BOOT_RATIO: Final = 0.5  # NullBox kernel -> nulld at most half of Debian's
 TARGET_ISO_SAVING_MB: Final = 8.0

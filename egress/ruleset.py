@@ -17,7 +17,8 @@ object of the table into its cache before each batch, so per-agent chains made e
     chain input       filter/input, policy accept: agent interfaces -> agent_input; other interfaces untouched
     chain postrouting nat/postrouting: from an agent interface out of the uplink -> masquerade
     chain agent_forward  IPv6 / blocked -> deny; established,related -> accept; tcp to @allow -> accept; deny
-    chain agent_input    DNS (udp, tcp 53) to the interface's own gateway -> accept; deny
+    chain agent_input    established,related (replies to the appliance's own connections: cage's health probes)
+                         -> accept; DNS (udp, tcp 53) to the interface's own gateway -> accept; deny
     chain deny           count, remember the destination, log (rate limited per interface), drop
 
 Everything a caller names reaches the kernel as a JSON value (an interface name, an address), never as nft text;
@@ -206,7 +207,10 @@ def base(uplink: str) -> list[JSONObject]:
             _ACCEPT,
         ),
         _rule(FORWARD_CHAIN, _GOTO_DENY),
-        # agent_input: what an agent sends to the appliance itself: DNS to its own gateway, nothing else.
+        # agent_input: what an agent sends to the appliance itself: DNS to its own gateway, and the replies within
+        # connections the appliance opened (cage's health probes); an agent's own connection to anything else is
+        # dropped at its first packet, so it never becomes established.
+        _rule(INPUT_CHAIN, _ESTABLISHED, _ACCEPT),
         _rule(
             INPUT_CHAIN,
             _TCP_OR_UDP,

@@ -191,16 +191,18 @@ def test_the_agent_chains_send_everything_not_allowed_to_deny(netns: NetnsFactor
     assert fwd[4] == [goto_deny]
 
     inp_rules = rules(table, ruleset.INPUT_CHAIN)
-    assert len(inp_rules) == 2 and inp_rules[1] == [goto_deny]
-    assert {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}} in inp_rules[
-        0
-    ]
-    assert inp_rules[0][-3]["match"] == {
+    assert len(inp_rules) == 3 and inp_rules[2] == [goto_deny]
+    # replies within connections the appliance opened (cage's health probes), and only those
+    established = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}
+    assert inp_rules[0] == [established, {"accept": None}]
+    dns = inp_rules[1]
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 53}} in dns
+    assert dns[-3]["match"] == {
         "op": "==",
         "left": {"concat": [iifname, {"payload": {"protocol": "ip", "field": "daddr"}}]},
         "right": f"@{ruleset.GATEWAYS}",
     }
-    assert inp_rules[0][-2:] == [count_accepted, {"accept": None}]
+    assert dns[-2:] == [count_accepted, {"accept": None}]
 
     deny = rules(table, ruleset.DENY_CHAIN)
     assert deny[0] == [{"match": {"op": "==", "left": iifname, "right": f"@{ruleset.DROPPED_SET}"}}]

@@ -23,12 +23,14 @@ from tests.egress.topology import (
     DNS_SERVER,
     METADATA,
     PRIVATE,
+    PYTHON,
     SERVER6,
     UPLINK,
     AgentLink,
     Answer,
     Topology,
     attempt,
+    connect,
     dig,
     python,
     served,
@@ -170,6 +172,33 @@ def test_only_the_gateway_resolver_answers(network: NetFactory) -> None:
         assert dig(agent.netns, DNS_SERVER, "api.example.com", tcp=tcp, timeout=DROP_WAIT).rcode == "TIMEOUT"
     # The gateway answers DNS and nothing else.
     assert attempt(agent.netns, agent.gateway, 22, DROP_WAIT) == (None, "TimeoutError")
+
+
+_LISTEN_ONCE = """
+import socket, sys
+with socket.create_server((sys.argv[1], int(sys.argv[2]))) as server:
+    print("listening", flush=True)
+    conn, _ = server.accept()
+    with conn:
+        conn.sendall(b"agent answered\\n")
+"""
+
+
+def test_the_appliance_reaches_an_agent_but_the_agent_cannot_open_connections_to_it(network: NetFactory) -> None:
+    """agent_input lets in replies to what the appliance opened (cage's health probes), nothing the agent opens."""
+    net = network()
+    net.add("a1", [])
+    agent = net.agent()
+    argv = ["ip", "netns", "exec", agent.netns, PYTHON, "-c", _LISTEN_ONCE, str(agent.address), "8080"]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        assert connect(net.topo.appliance, agent.address, 8080, timeout=5) == "agent answered"
+    finally:
+        server.kill()
+        server.wait()
+    for port in (22, 8080):  # the other direction: dropped at the first packet, so never established
+        assert attempt(agent.netns, agent.gateway, port, DROP_WAIT) == (None, "TimeoutError")
 
 
 def test_an_admission_expires_with_its_clamped_ttl(network: NetFactory) -> None:
