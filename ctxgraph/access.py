@@ -7,9 +7,12 @@ CID) speaks for that agent only, within the read and write prefixes it was regis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from nullbox.wire import ErrorCode, WireError
+
+if TYPE_CHECKING:
+    from ctxgraph.budget import CallBudget
 
 OPERATOR: Final = "operator"
 """The writer recorded for admin-socket puts that name no agent."""
@@ -69,3 +72,4 @@ class Binding:
     """A connection's link to its identity; re-registering an agent updates live connections through it."""
 
     identity: Identity
+    budget: CallBudget | None = None  # the agent's calls per hour; None on the admin socket (never limited)

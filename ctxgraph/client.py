@@ -27,8 +27,9 @@ def _page(limit: int | None, after: str | None, **params: Any) -> JSONObject:
     return _without_none(limit=limit, after=after, **params)
 
 
-def _registration(agent: str, read: list[str] | None, write: list[str] | None, **ids: int | None) -> JSONObject:
-    return _without_none(agent=agent, read=read, write=write, **ids)
+def _registration(agent: str, read: list[str] | None, write: list[str] | None, **numbers: int | None) -> JSONObject:
+    """``register_agent``'s parameters; ``max_calls_per_hour`` (0 or absent: no limit) is among ``numbers``."""
+    return _without_none(agent=agent, read=read, write=write, **numbers)
 
 
 class CtxClient:
@@ -92,8 +93,10 @@ class CtxClient:
         uid: int | None = None,
         gid: int | None = None,
         cid: int | None = None,
+        max_calls_per_hour: int | None = None,
     ) -> JSONObject:
-        return self.rpc.call("register_agent", **_registration(agent, read, write, uid=uid, gid=gid, cid=cid))
+        params = _registration(agent, read, write, uid=uid, gid=gid, cid=cid, max_calls_per_hour=max_calls_per_hour)
+        return self.rpc.call("register_agent", **params)
 
     def unregister_agent(self, agent: str) -> JSONObject:
         return self.rpc.call("unregister_agent", agent=agent)
@@ -157,8 +160,10 @@ class AsyncCtxClient:
         uid: int | None = None,
         gid: int | None = None,
         cid: int | None = None,
+        max_calls_per_hour: int | None = None,
     ) -> JSONObject:
-        return await self.rpc.call("register_agent", **_registration(agent, read, write, uid=uid, gid=gid, cid=cid))
+        params = _registration(agent, read, write, uid=uid, gid=gid, cid=cid, max_calls_per_hour=max_calls_per_hour)
+        return await self.rpc.call("register_agent", **params)
 
     async def unregister_agent(self, agent: str) -> JSONObject:
         return await self.rpc.call("unregister_agent", agent=agent)

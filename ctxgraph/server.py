@@ -3,7 +3,8 @@
 Writes go through a single group-commit writer (one durable transaction for everything queued), so many
 concurrent or pipelined puts cost one fsync.  A put is acknowledged only after its transaction committed.
 Reads run on the event loop against a separate WAL reader; on one connection a read waits for that
-connection's earlier writes, so a client always reads its own writes.
+connection's earlier writes, so a client always reads its own writes.  Requests on an agent's socket are counted
+against its ``max_calls_per_hour`` before they are dispatched (ctxgraph.budget); the admin socket is not limited.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Final
 
 from ctxgraph import defaults
 from ctxgraph.access import ADMIN, Binding, Identity
+from ctxgraph.budget import MAX_CALLS_PER_HOUR, CallBudget, Clock
 from ctxgraph.model import Draft, Entry, PutResult, validate_agent, validate_hash, validate_key
 from ctxgraph.store import AgentRecord, Store, parse_cursor
 from nullbox import notify
@@ -217,8 +219,10 @@ OpHandler = Callable[[Request, Connection[Binding]], Awaitable[Reply]]
 
 
 class CtxGraphServer:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, clock: Clock = time.monotonic) -> None:
         self.config = config
+        self._clock = clock  # for the call budgets; tests pass one they can move forward
+        self._budgets: dict[str, CallBudget] = {}
         self.store: Store | None = None
         self.watchers = Watchers()
         self._committer: Committer | None = None
@@ -349,7 +353,8 @@ class CtxGraphServer:
 
     async def _open_agent(self, record: AgentRecord) -> _AgentEndpoint:
         path = self.config.agents_dir / f"{record.name}.sock"
-        endpoint = _AgentEndpoint(Binding(Identity(record.name, record.read, record.write)), path, record.cid)
+        budget = self._budget(record.name, record.max_calls_per_hour)
+        endpoint = _AgentEndpoint(Binding(Identity(record.name, record.read, record.write), budget), path, record.cid)
         sock = bind_unix(path, 0o600, uid=record.uid, gid=record.gid)
         endpoint.server = await asyncio.start_unix_server(
             lambda r, w: self._serve(r, w, endpoint.binding, endpoint.connections), sock=sock
@@ -357,7 +362,20 @@ class CtxGraphServer:
         self._agents[record.name] = endpoint
         return endpoint
 
+    def _budget(self, name: str, limit: int) -> CallBudget:
+        """The agent's budget, with ``limit``; kept by name so the calls counted survive re-registration."""
+        budget = self._budgets.get(name)
+        if budget is None:
+            budget = self._budgets[name] = CallBudget(limit, self._clock)
+        budget.limit = limit
+        return budget
+
     async def _handle(self, request: Request, conn: Connection[Binding]) -> Reply:
+        budget = conn.context.budget
+        if budget is not None:
+            wait = budget.take()
+            if wait is not None:
+                raise budget.refusal(conn.context.identity.agent or "?", wait)
         op = self._ops.get(request.op)
         if op is None:
             raise invalid(f"unknown op {request.op!r}; known: {', '.join(sorted(self._ops))}")
@@ -479,19 +497,20 @@ class CtxGraphServer:
             return await self._register_agent_locked(request)
 
     async def _register_agent_locked(self, request: Request) -> Reply:
-        params = Params(request, {"agent", "read", "write", "uid", "gid", "cid"})
+        params = Params(request, {"agent", "read", "write", "uid", "gid", "cid", "max_calls_per_hour"})
         name = validate_agent(params.raw("agent"))
         read = _prefixes(params, "read")
         write = _prefixes(params, "write")
         uid = params.optional_integer("uid", minimum=0, maximum=2**32 - 2)
         gid = params.optional_integer("gid", minimum=0, maximum=2**32 - 2)
         cid = params.optional_integer("cid", minimum=3, maximum=2**32 - 2)
+        calls = params.integer("max_calls_per_hour", 0, minimum=0, maximum=MAX_CALLS_PER_HOUR)
         if cid is not None:
             holder = next((n for n, e in self._agents.items() if e.cid == cid and n != name), None)
             if holder is not None:
                 raise WireError(ErrorCode.CONFLICT, f"vsock CID {cid} is already registered to agent '{holder}'")
         existing = self._agents.get(name)
-        record = AgentRecord(name, read, write, uid, gid, cid, time.time_ns())
+        record = AgentRecord(name, read, write, uid, gid, cid, time.time_ns(), calls)
         if existing is None:
             try:
                 endpoint = await self._open_agent(record)
@@ -500,6 +519,7 @@ class CtxGraphServer:
         else:
             endpoint = existing
             endpoint.binding.identity = Identity(name, read, write)
+            endpoint.binding.budget = self._budget(name, calls)
             endpoint.cid = cid
             if uid is not None or gid is not None:
                 try:
@@ -526,13 +546,19 @@ class CtxGraphServer:
         for task in list(endpoint.connections):
             task.cancel()
         await asyncio.to_thread(self._store().delete_agent, name)
+        for idle in [n for n, b in self._budgets.items() if n not in self._agents and b.used() == 0]:
+            del self._budgets[idle]  # budgets with calls in the last hour are kept for a re-registration
         log.info("agent %s unregistered; its entries stay", name)
         return {"agent": name}
 
     async def _list_agents(self, request: Request, conn: Connection[Binding]) -> Reply:
         conn.context.identity.check_admin(request.op)
         Params(request, set())
-        return {"agents": [r.to_json() for r in self._store().agents()]}
+        agents = []
+        for record in self._store().agents():
+            budget = self._budgets.get(record.name)
+            agents.append({**record.to_json(), "calls_last_hour": 0 if budget is None else budget.used()})
+        return {"agents": agents}
 
 
 async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: WireError) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from ctxgraph.model import Draft, Entry, Page, PutResult
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 MAX_SEQ: Final = 2**63 - 1
 COUNT_CAP: Final = 2048
 WALK_CHUNK: Final = 4096
@@ -69,8 +69,13 @@ def _create_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _add_call_budget(conn: sqlite3.Connection) -> None:
+    """v2: each agent's ``max_calls_per_hour`` (0 = no limit, what every agent registered before had)."""
+    conn.execute("ALTER TABLE agents ADD COLUMN max_calls_per_hour INTEGER NOT NULL DEFAULT 0")
+
+
 Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: dict[int, Migration] = {0: _create_v1}
+MIGRATIONS: dict[int, Migration] = {0: _create_v1, 1: _add_call_budget}
 """``MIGRATIONS[v]`` turns a schema at version ``v`` into ``v + 1``; each runs in its own transaction."""
 
 
@@ -100,6 +105,7 @@ class AgentRecord:
     gid: int | None
     cid: int | None
     registered_ns: int
+    max_calls_per_hour: int = 0  # 0: no limit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +116,7 @@ class AgentRecord:
             "gid": self.gid,
             "cid": self.cid,
             "registered_ns": self.registered_ns,
+            "max_calls_per_hour": self.max_calls_per_hour,
         }
 
 
@@ -363,17 +370,19 @@ class Store:
 
     def agents(self) -> list[AgentRecord]:
         rows = self._reader.execute(
-            "SELECT name, read_prefixes, write_prefixes, uid, gid, cid, registered_ns FROM agents ORDER BY name"
+            "SELECT name, read_prefixes, write_prefixes, uid, gid, cid, registered_ns, max_calls_per_hour "
+            "FROM agents ORDER BY name"
         ).fetchall()
         return [_agent_record(r) for r in rows]
 
     def save_agent(self, record: AgentRecord) -> None:
         with self._write_lock:
             self._writer.execute(
-                "INSERT INTO agents(name, read_prefixes, write_prefixes, uid, gid, cid, registered_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET read_prefixes = excluded.read_prefixes, "
-                "write_prefixes = excluded.write_prefixes, uid = excluded.uid, gid = excluded.gid, "
-                "cid = excluded.cid",
+                "INSERT INTO agents(name, read_prefixes, write_prefixes, uid, gid, cid, registered_ns, "
+                "max_calls_per_hour) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "read_prefixes = excluded.read_prefixes, write_prefixes = excluded.write_prefixes, "
+                "uid = excluded.uid, gid = excluded.gid, cid = excluded.cid, "
+                "max_calls_per_hour = excluded.max_calls_per_hour",
                 (
                     record.name,
                     None if record.read is None else json.dumps(list(record.read)),
@@ -382,6 +391,7 @@ class Store:
                     record.gid,
                     record.cid,
                     record.registered_ns,
+                    record.max_calls_per_hour,
                 ),
             )
 
@@ -408,4 +418,4 @@ def _agent_record(row: tuple[Any, ...]) -> AgentRecord:
     def prefixes(text: str | None) -> tuple[str, ...] | None:
         return None if text is None else tuple(json.loads(text))
 
-    return AgentRecord(row[0], prefixes(row[1]), prefixes(row[2]), row[3], row[4], row[5], row[6])
+    return AgentRecord(row[0], prefixes(row[1]), prefixes(row[2]), row[3], row[4], row[5], row[6], row[7])

@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
     UNAVAILABLE = "unavailable"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 

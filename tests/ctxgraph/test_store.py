@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -250,14 +251,14 @@ def test_migration_hook_runs_pending_steps(tmp_path: Path, monkeypatch: pytest.M
     path = tmp_path / "db.sqlite"
     Store(path).close()
 
-    def to_v2(conn: sqlite3.Connection) -> None:
+    def to_next(conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE notes (text TEXT)")
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_module.MIGRATIONS, 1, to_v2)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setitem(store_module.MIGRATIONS, SCHEMA_VERSION, to_next)
     migrated = Store(path)
     try:
-        assert migrated.schema_version == 2
+        assert migrated.schema_version == SCHEMA_VERSION + 1
         assert migrated._reader.execute("SELECT count(*) FROM notes").fetchone()[0] == 0
     finally:
         migrated.close()
@@ -273,17 +274,34 @@ def test_failed_migration_leaves_the_database_as_it_was(tmp_path: Path, monkeypa
         conn.execute("CREATE TABLE half (x)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_module.MIGRATIONS, 1, broken)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setitem(store_module.MIGRATIONS, SCHEMA_VERSION, broken)
     with pytest.raises(RuntimeError, match="migration bug"):
         Store(path)
     raw = sqlite3.connect(path)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert raw.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half'").fetchone()[0] == 0
         assert raw.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
     finally:
         raw.close()
+
+
+def test_a_version_1_database_gets_the_call_budget_column(tmp_path: Path) -> None:
+    """Agents registered before budgets existed keep their registration, with no limit."""
+    path = tmp_path / "v1.db"
+    raw = sqlite3.connect(path)
+    for statement in store_module._SCHEMA_V1:
+        raw.execute(statement)
+    raw.execute("INSERT INTO agents(name, write_prefixes, uid, registered_ns) VALUES ('old', '[\"w/\"]', 7, 5)")
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    with contextlib.closing(Store(path)) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.agents() == [AgentRecord("old", None, ("w/",), 7, None, None, 5, 0)]
+        store.save_agent(AgentRecord("old", None, ("w/",), 7, None, None, 9, 120))
+        assert store.agents()[0].max_calls_per_hour == 120
 
 
 def test_insert_is_atomic(store: Store) -> None:
