@@ -30,6 +30,7 @@ as NULLBOX, has them built in: kernel/guest.config, checked against these lists 
                       squashfs, overlayfs; the ACPI button and evdev (the power button: a polite stop)
   nullbox.load-ext4   ext4 and its checksums, only when the root image is not a SquashFS
   nullbox.load-vsock  virtio vsock, only when the ctxgraph channel is vsock (the host has /dev/vhost-vsock)
+  nullbox.load-9p     9P over virtio (and netfs), only when the agent has filesystem shares (SHARE_MODULES)
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ MODULE_LISTS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
     ),
     "nullbox.load-ext4": (("crc32c_generic", True), ("ext4", True)),
     "nullbox.load-vsock": (("vmw_vsock_virtio_transport", True),),
+}
+# Loaded only for an agent with capabilities.filesystem shares.  Kept out of MODULE_LISTS, whose every module
+# tests/kernel maps to a NullBox config option; tests/cage/test_shares.py checks these (CONFIG_9P_FS,
+# CONFIG_NET_9P_VIRTIO are in kernel/guest.config).
+SHARE_MODULES: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
+    "nullbox.load-9p": (("9pnet_virtio", True), ("9p", True)),
 }
 
 
@@ -222,8 +229,9 @@ def initramfs_entries(
     init: bytes, busybox: bytes, applets: Sequence[str], version: str, tree: ModuleTree | None
 ) -> list[Entry]:
     """The guest initramfs: /init, busybox and its applets, device nodes the kernel needs before devtmpfs, and,
-    given a module tree, the modules of MODULE_LISTS with one load list each (``need PATH`` / ``want PATH``,
-    dependencies first).  Without one (a kernel with everything built in) there is no /lib/modules at all."""
+    given a module tree, the modules of MODULE_LISTS and SHARE_MODULES with one load list each (``need PATH`` /
+    ``want PATH``, dependencies first).  Without one (a kernel with everything built in) there is no /lib/modules
+    at all."""
     out = [
         regular("init", init, 0o755),
         regular("bin/busybox", busybox, 0o755),
@@ -240,7 +248,7 @@ def initramfs_entries(
 def _module_entries(moddir: str, tree: ModuleTree) -> list[Entry]:
     out: list[Entry] = []
     seen: set[str] = set()
-    for list_name, wanted in MODULE_LISTS.items():
+    for list_name, wanted in {**MODULE_LISTS, **SHARE_MODULES}.items():
         lines = ""
         for path, need in load_order(tree, wanted):
             if path in seen:

@@ -30,24 +30,48 @@ What the VM gets (``qemu_argv``; a plain argv list, never a shell string):
   QEMU passes through byte for byte.  The stream is shared by everything in the guest that opens the port and
   outlives each open: one request per line, written whole.
 - QMP on a unix socket (stop, pause, quit).
+- Shares (``capabilities.filesystem``): one virtio-9p-device per share (``-fsdev local,security_model=none``,
+  ``readonly=on`` for read shares, so QEMU itself refuses writes), tags ``data0``, ``data1``...; the config disk
+  lists them (``NB_SHARES``) and the guest init mounts each at its path before the agent starts (cage.shares).
+
+Running as the agent (``QemuVM.uid`` set; cage always sets it, tests and benchmarks may leave it None and run QEMU as
+themselves): QEMU is exec'ed with the agent's uid and gid (real, effective and saved) and no supplementary groups,
+a 077 umask and QEMU's seccomp sandbox.  It then opens nothing cage had to make reachable by path: ``Vm.start``
+opens every host resource as root and hands QEMU the descriptor (``qemu_argv``'s ``fds``):
+- the TAP: /dev/net/tun is 0600 root on the appliance (devtmpfs without udev; on the build hosts too), so
+  ``ifname=`` fails for another uid at open(/dev/net/tun) even on a persistent TAP it owns; cage attaches the TAP
+  (TUNSETIFF as root) and passes ``tap,fd=N``;
+- root image, config disk, console (log file or cage's FIFO): ``-add-fd`` sets and ``/dev/fdset/N`` paths; the
+  config disk stays 0600 root and is unlinked as soon as cage holds it open, before QEMU even starts, so the agent's
+  uid never gets to open it at all;
+- QMP: a listening socket cage bound (0600 root) passed as ``fd=N``;
+- shares: each directory opened by cage (O_NOFOLLOW) and given as ``path=/proc/self/fd/N``: the 9p server opens its
+  root once through that link (which checks the directory itself, not the path to it) and then works relative to it;
+- ctxgraph: by path, with reconnect, when the agent's uid can reach its socket (ctxgraph makes it the agent's and
+  its directory 0711); otherwise a connection cage opened, passed as ``fd=N`` (no reconnect);
+- vhost-vsock: ``vhostfd=N``;
+- KVM: ``kvm_groups`` (the kernel and initramfs are read by path: they must be world-readable, as installed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
 import re
 import shlex
 import socket
+import stat
+import struct
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import IO, Any, Final, Literal
 
 from nullbox.kvm import QEMU, Accel, probe_kvm
 
@@ -78,6 +102,16 @@ SANDBOX: Final = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecon
 AGENT_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TAP_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 MAC: Final = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")
+SHARE_TAG: Final = re.compile(r"[A-Za-z0-9_-]{1,31}")  # the 9p mount_tag limit is 31 bytes
+GUEST_PATH: Final = re.compile(r"/(?:[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*)?")
+MAX_SHARES: Final = 128
+KVM_DEVICE: Final = Path("/dev/kvm")
+KVM_GID: Final = 69999  # the group /dev/kvm gets when it has none but root (cage.defaults.UID_BASE - 1)
+TUN_DEVICE: Final = Path("/dev/net/tun")
+TUNSETIFF: Final = 0x400454CA
+IFF_TAP: Final = 0x0002
+IFF_NO_PI: Final = 0x1000
+IFF_VNET_HDR: Final = 0x4000
 EXIT_LINE: Final = re.compile(rb"^NULLBOX-AGENT-EXIT (\d+)\r?$", re.MULTILINE)
 FAIL_LINE: Final = re.compile(rb"^NULLBOX-GUEST-FAIL (.*?)\r?$", re.MULTILINE)
 
@@ -107,6 +141,28 @@ class GuestNet:
 
 
 @dataclass(frozen=True)
+class GuestShare:
+    """A host directory mounted in the guest at ``guest_path`` over virtio-9p (tag ``tag``)."""
+
+    tag: str
+    host_path: Path
+    guest_path: str  # absolute, normalised; the manifest allows only these characters (no spaces, quotes, ':')
+    read_only: bool
+
+    def __post_init__(self) -> None:
+        if not SHARE_TAG.fullmatch(self.tag):
+            raise ValueError(f"bad share tag {self.tag!r} (1-31 of A-Z a-z 0-9 _ -)")
+        if not GUEST_PATH.fullmatch(self.guest_path) or len(self.guest_path) > 1024:
+            raise ValueError(f"bad share guest path {self.guest_path!r}")
+        if not self.host_path.is_absolute() or ".." in self.host_path.parts:
+            raise ValueError(f"the share host path {self.host_path} must be absolute, without '..'")
+
+    def config_word(self) -> str:
+        """``tag:ro|rw:path``, one word of the config disk's NB_SHARES (see cage/guest/init)."""
+        return f"{self.tag}:{'ro' if self.read_only else 'rw'}:{self.guest_path}"
+
+
+@dataclass(frozen=True)
 class QemuVM:
     """Everything one agent VM is started from.  Holds paths, never secrets (they are in ``config_disk``)."""
 
@@ -124,8 +180,25 @@ class QemuVM:
     qmp_socket: Path | None = None
     append: tuple[str, ...] = ()  # more kernel command line (debugging: loglevel=7, nullbox.onfail=halt)
     qemu: str = QEMU
+    shares: tuple[GuestShare, ...] = ()  # also listed on the config disk (write_config_disk's ``shares``)
+    uid: int | None = None  # run QEMU as this uid (cage: the agent's); None: as the caller
+    gid: int | None = None  # with ``uid``; default: the same number
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shares", tuple(self.shares))
+        if self.uid is not None and self.gid is None:
+            object.__setattr__(self, "gid", self.uid)
+        for ident, name in ((self.uid, "uid"), (self.gid, "gid")):
+            if ident is not None and (isinstance(ident, bool) or not 1 <= ident < 2**32 - 1):
+                raise ValueError(f"bad {name} {ident!r}: QEMU never runs as root this way")
+        if self.gid is not None and self.uid is None:
+            raise ValueError("gid without uid")
+        if len(self.shares) > MAX_SHARES:
+            raise ValueError(f"at most {MAX_SHARES} shares")
+        for what in ("tag", "guest_path"):
+            values = [getattr(s, what) for s in self.shares]
+            if len(set(values)) != len(values):
+                raise ValueError(f"a share {what} is used twice")
         if not AGENT_NAME.fullmatch(self.agent):
             raise ValueError(f"bad agent name {self.agent!r}")
         if not 16 <= self.memory_mb <= 1 << 20 or not 1 <= self.cpus <= 64:
@@ -139,8 +212,11 @@ class QemuVM:
 # ------------------------------------------------------------------------------------------------ config disk
 
 
-def config_text(command: Sequence[str], env: Mapping[str, str], workdir: str = "/") -> str:
-    """The config disk's sh fragment: the environment, the working directory, then ``set --`` the command."""
+def config_text(
+    command: Sequence[str], env: Mapping[str, str], workdir: str = "/", shares: Sequence[GuestShare] = ()
+) -> str:
+    """The config disk's sh fragment: the environment, the working directory, the shares (``NB_SHARES``: words
+    ``tag:ro|rw:path`` in mount order, parents first), then ``set --`` the command."""
     if not command or not all(isinstance(a, str) and a for a in command):
         raise ValueError("the agent command must be a non-empty list of non-empty strings")
     if not workdir.startswith("/"):
@@ -154,13 +230,21 @@ def config_text(command: Sequence[str], env: Mapping[str, str], workdir: str = "
         raise ValueError("the agent command and working directory must not contain NUL bytes")
     lines = [f"export {name}={shlex.quote(value)}\n" for name, value in sorted(env.items())]
     lines.append(f"NB_WORKDIR={shlex.quote(workdir)}\n")
+    ordered = sorted(shares, key=lambda s: s.guest_path.split("/"))  # a parent before anything mounted inside it
+    lines.append(f"NB_SHARES={shlex.quote(' '.join(s.config_word() for s in ordered))}\n")
     lines.append("set -- " + " ".join(shlex.quote(a) for a in command) + "\n")
     return CONFIG_HEADER + "".join(lines)
 
 
-def write_config_disk(path: Path, command: Sequence[str], env: Mapping[str, str], workdir: str = "/") -> Path:
+def write_config_disk(
+    path: Path,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    workdir: str = "/",
+    shares: Sequence[GuestShare] = (),
+) -> Path:
     """The config disk image at ``path``: created 0600 (an existing file is replaced, a symlink never followed)."""
-    data = config_text(command, env, workdir).encode()
+    data = config_text(command, env, workdir, shares).encode()
     image = data + b"\0" * max(MIN_CONFIG_BYTES - len(data), -len(data) % SECTOR)
     if len(image) > MAX_CONFIG_BYTES:
         raise ValueError(f"the config disk would be {len(image)} bytes (at most {MAX_CONFIG_BYTES})")
@@ -223,17 +307,48 @@ def _v(value: Path | str) -> str:
     return str(value).replace(",", ",,")
 
 
-def _disk(ident: str, path: Path, serial: str) -> list[str]:
+FDSET_ROOT: Final = 1
+FDSET_CONFIG: Final = 2
+FDSET_CONSOLE: Final = 3
+
+
+@dataclass(frozen=True)
+class PassedFds:
+    """Descriptors ``Vm.start`` opened as root for a QEMU that runs as the agent (QEMU inherits the same numbers)."""
+
+    root: int
+    config: int
+    console: int
+    qmp: int | None = None  # a listening socket bound at the spec's qmp_socket
+    tap: int | None = None  # /dev/net/tun attached to the spec's TAP
+    ctx: int | None = None  # a connection to ctxgraph, when the agent's uid cannot reach its socket by path
+    vhost_vsock: int | None = None
+    shares: tuple[int, ...] = ()  # one directory per spec share, same order
+
+    @property
+    def all(self) -> tuple[int, ...]:
+        extra = (self.qmp, self.tap, self.ctx, self.vhost_vsock)
+        return (self.root, self.config, self.console, *(fd for fd in extra if fd is not None), *self.shares)
+
+
+def _disk(ident: str, source: str, serial: str) -> list[str]:
     return [
         "-drive",
-        f"file={_v(path)},format=raw,if=none,id={ident},readonly=on",
+        f"file={source},format=raw,if=none,id={ident},readonly=on",
         "-device",
         f"virtio-blk-device,drive={ident},serial={serial}",
     ]
 
 
-def qemu_argv(vm: QemuVM, accel: Accel, *, vsock_available: bool | None = None) -> list[str]:
-    """The QEMU command line for ``vm``; no side effects."""
+def _fdset(fdset: int, fd: int) -> list[str]:
+    return ["-add-fd", f"fd={fd},set={fdset}"]
+
+
+def qemu_argv(
+    vm: QemuVM, accel: Accel, *, vsock_available: bool | None = None, fds: PassedFds | None = None
+) -> list[str]:
+    """The QEMU command line for ``vm``; no side effects.  With ``fds`` QEMU opens none of the host resources by
+    path (module docstring: running as the agent)."""
     channel = ctx_channel(vm, vsock_available)
     argv = [vm.qemu, "-name", f"nullbox-agent-{vm.agent}", "-nodefaults", "-no-user-config", "-display", "none"]
     argv += ["-M", "microvm,acpi=on,auto-kernel-cmdline=off,x-option-roms=off,isa-serial=on,rtc=on,pcie=off"]
@@ -246,29 +361,171 @@ def qemu_argv(vm: QemuVM, accel: Accel, *, vsock_available: bool | None = None) 
     argv += ["-m", str(vm.memory_mb), "-smp", str(vm.cpus), "-no-reboot", "-sandbox", SANDBOX]
     cmdline = kernel_cmdline(vm, channel, tsc_khz)
     argv += ["-kernel", str(vm.kernel), "-initrd", str(vm.initramfs), "-append", cmdline]
-    argv += ["-chardev", f"file,id=console,path={_v(vm.console_log)}", "-serial", "chardev:console"]
+    if fds is None:
+        argv += ["-chardev", f"file,id=console,path={_v(vm.console_log)}", "-serial", "chardev:console"]
+    else:  # append=on: without it QEMU truncates the dup'ed fd, which fails on a FIFO
+        argv += _fdset(FDSET_CONSOLE, fds.console)
+        argv += ["-chardev", f"file,id=console,path=/dev/fdset/{FDSET_CONSOLE},append=on", "-serial", "chardev:console"]
     if vm.qmp_socket is not None:
-        argv += ["-chardev", f"socket,id=qmp,path={_v(vm.qmp_socket)},server=on,wait=off"]
+        if fds is not None and fds.qmp is not None:
+            argv += ["-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off"]
+        else:
+            argv += ["-chardev", f"socket,id=qmp,path={_v(vm.qmp_socket)},server=on,wait=off"]
         argv += ["-mon", "chardev=qmp,mode=control"]
-    argv += _disk("root", vm.rootfs, ROOT_SERIAL)
-    argv += _disk("config", vm.config_disk, CONFIG_SERIAL)
+    if fds is None:
+        argv += _disk("root", _v(vm.rootfs), ROOT_SERIAL)
+        argv += _disk("config", _v(vm.config_disk), CONFIG_SERIAL)
+    else:
+        argv += _fdset(FDSET_ROOT, fds.root) + _disk("root", f"/dev/fdset/{FDSET_ROOT}", ROOT_SERIAL)
+        argv += _fdset(FDSET_CONFIG, fds.config) + _disk("config", f"/dev/fdset/{FDSET_CONFIG}", CONFIG_SERIAL)
     argv += ["-device", "virtio-rng-device"]
     if vm.net is not None:
-        argv += ["-netdev", f"tap,id=net0,ifname={vm.net.tap},script=no,downscript=no"]
+        if fds is not None and fds.tap is not None:
+            argv += ["-netdev", f"tap,id=net0,fd={fds.tap}"]
+        else:
+            argv += ["-netdev", f"tap,id=net0,ifname={vm.net.tap},script=no,downscript=no"]
         argv += ["-device", f"virtio-net-device,netdev=net0,mac={vm.net.mac}"]
-    if channel == "vsock":
-        argv += ["-device", f"vhost-vsock-device,guest-cid={vm.vsock_cid}"]
-    elif channel == "serial":
-        assert vm.ctxgraph_socket is not None
-        # A client of the agent's socket; reconnect: QEMU starts even if ctxgraph is restarting, and reconnects.
-        argv += ["-chardev", f"socket,id=ctx,path={_v(vm.ctxgraph_socket)},reconnect={CTX_RECONNECT_S}"]
-        argv += [
-            "-device",
-            "virtio-serial-device,max_ports=2",
-            "-device",
-            f"virtserialport,chardev=ctx,name={CTX_PORT}",
-        ]
+    argv += _ctx_args(vm, channel, fds)
+    argv += _share_args(vm, fds)
     return argv
+
+
+def _ctx_args(vm: QemuVM, channel: Channel, fds: PassedFds | None) -> list[str]:
+    """The ctxgraph channel's devices."""
+    if channel == "vsock":
+        vhost = "" if fds is None or fds.vhost_vsock is None else f",vhostfd={fds.vhost_vsock}"
+        return ["-device", f"vhost-vsock-device,guest-cid={vm.vsock_cid}{vhost}"]
+    if channel == "none":
+        return []
+    assert vm.ctxgraph_socket is not None
+    if fds is not None and fds.ctx is not None:
+        argv = ["-chardev", f"socket,id=ctx,fd={fds.ctx}"]
+    else:
+        # A client of the agent's socket; reconnect: QEMU starts even if ctxgraph is restarting, and reconnects.
+        argv = ["-chardev", f"socket,id=ctx,path={_v(vm.ctxgraph_socket)},reconnect={CTX_RECONNECT_S}"]
+    return [
+        *argv,
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-device",
+        f"virtserialport,chardev=ctx,name={CTX_PORT}",
+    ]
+
+
+def _share_args(vm: QemuVM, fds: PassedFds | None) -> list[str]:
+    """One virtio-9p device per share; security_model=none: files are created as QEMU's uid (the agent's)."""
+    argv: list[str] = []
+    for index, share in enumerate(vm.shares):
+        source = _v(share.host_path) if fds is None else f"/proc/self/fd/{fds.shares[index]}"
+        readonly = ",readonly=on" if share.read_only else ""
+        argv += ["-fsdev", f"local,id=fs{index},path={source},security_model=none{readonly}"]
+        argv += ["-device", f"virtio-9p-device,fsdev=fs{index},mount_tag={share.tag}"]
+    return argv
+
+
+# --------------------------------------------------------------------------------- host resources, as the agent
+
+
+def _permits(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
+    """Whether the mode bits of ``st`` grant ``bit`` (4 r, 2 w, 1 x) to uid/gid without supplementary groups."""
+    if st.st_uid == uid:
+        return bool(st.st_mode >> 6 & bit)
+    if st.st_gid == gid:
+        return bool(st.st_mode >> 3 & bit)
+    return bool(st.st_mode & bit)
+
+
+def reachable_socket(path: Path, uid: int, gid: int) -> bool:
+    """Whether uid/gid can connect to the unix socket ``path``: search permission on every directory above it and,
+    once it exists, write permission on it (mode bits; ACLs are not used on the appliance).  A socket not there yet
+    counts as reachable: QEMU reconnects until ctxgraph has made it."""
+    try:
+        if not all(_permits(d.stat(), uid, gid, 1) for d in reversed(path.parents)):
+            return False
+        st = path.stat()
+    except FileNotFoundError:
+        return path.parent.is_dir()
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and _permits(st, uid, gid, 2)
+
+
+def kvm_groups(device: Path = KVM_DEVICE) -> list[int]:
+    """The supplementary groups a QEMU running as an agent's uid needs for KVM (its only one besides none).
+
+    /dev/kvm open to everyone (0666): none.  Group-owned by a group other than root with read-write for it (udev's
+    ``kvm`` group): that group.  Root's alone (0600 root:root, devtmpfs without udev: the appliance): cage gives it
+    the group KVM_GID and mode 0660 once, so VMMs reach KVM through that group and never need root; QEMU accepts no
+    KVM descriptor, so passing one is not an option."""
+    st = device.stat()
+    if st.st_mode & 0o006 == 0o006:
+        return []
+    if st.st_gid != 0 and st.st_mode & 0o060 == 0o060:
+        return [st.st_gid]
+    os.chown(device, -1, KVM_GID)
+    device.chmod(0o660)
+    return [KVM_GID]
+
+
+def open_tap(name: str) -> int:
+    """/dev/net/tun attached to the TAP ``name`` (TUNSETIFF as root; the TAP's owner is irrelevant then)."""
+    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_console(path: Path) -> int:
+    """The console for writing: cage's FIFO (which cage holds open for reading) or a log file, truncated."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_fds(vm: QemuVM, held: contextlib.ExitStack, vsock_available: bool | None = None) -> PassedFds:
+    """Open (as root) what QEMU needs; every descriptor is closed by ``held``.  The config disk is unlinked as soon as
+    it is open: from then on only this process and QEMU have it."""
+    assert vm.uid is not None and vm.gid is not None
+
+    def keep(fd: int) -> int:
+        held.callback(os.close, fd)
+        return fd
+
+    root = keep(os.open(vm.rootfs, os.O_RDONLY | os.O_CLOEXEC))
+    config = keep(os.open(vm.config_disk, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    vm.config_disk.unlink()
+    console = keep(open_console(vm.console_log))
+    qmp = None
+    if vm.qmp_socket is not None:
+        listener = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        vm.qmp_socket.unlink(missing_ok=True)
+        listener.bind(str(vm.qmp_socket))
+        vm.qmp_socket.chmod(0o600)
+        listener.listen(4)
+        qmp = listener.fileno()
+    tap = None if vm.net is None else keep(open_tap(vm.net.tap))
+    channel = ctx_channel(vm, vsock_available)
+    vhost = keep(os.open(VHOST_VSOCK, os.O_RDWR | os.O_CLOEXEC)) if channel == "vsock" else None
+    ctx = None
+    if channel == "serial":
+        assert vm.ctxgraph_socket is not None
+        if not reachable_socket(vm.ctxgraph_socket, vm.uid, vm.gid):
+            client = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            client.connect(str(vm.ctxgraph_socket))
+            ctx = client.fileno()
+    shares = tuple(
+        keep(os.open(s.host_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)) for s in vm.shares
+    )
+    return PassedFds(root, config, console, qmp, tap, ctx, vhost, shares)
 
 
 # ------------------------------------------------------------------------------------------------------- QMP
@@ -331,30 +588,61 @@ class Vm:
     spec: QemuVM
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
+    pass_fds: tuple[int, ...] = field(default=(), init=False, repr=False)
+    groups: tuple[int, ...] = field(default=(), init=False, repr=False)
 
     def start(self, accel: Accel | None = None, *, open_timeout: float = 30.0) -> Vm:
-        """Start QEMU.  With a QMP socket: wait until QMP answers (every drive is open by then), then remove the
-        config disk from the host, also when the start fails; without one the caller removes it after the VM."""
+        """Start QEMU, as ``spec.uid`` when set (every host resource passed as a descriptor, see open_fds), and
+        wait until QMP answers when there is a QMP socket (every drive is open by then).  The config disk is removed
+        from the host once QEMU has it (as the agent: once cage holds it open, before QEMU starts; else when QMP
+        answers), also when the start fails; without either the caller removes it after the VM."""
         spec = self.spec
-        self.argv = qemu_argv(spec, accel or detect_accel())
+        accel = accel or detect_accel()
         spec.console_log.parent.mkdir(parents=True, exist_ok=True)
-        if spec.qmp_socket is None:
-            self._spawn()
-            return self
-        spec.qmp_socket.unlink(missing_ok=True)
+        owns_disk = spec.qmp_socket is not None or spec.uid is not None
+        if spec.qmp_socket is not None:
+            spec.qmp_socket.unlink(missing_ok=True)
         try:
-            self._spawn()
-            self._wait_for_qmp(open_timeout)
+            with contextlib.ExitStack() as held:  # cage's copies of the descriptors: QEMU has its own once spawned
+                if spec.uid is None:
+                    self.argv = qemu_argv(spec, accel)
+                else:
+                    vsock = VHOST_VSOCK.exists()
+                    fds = open_fds(spec, held, vsock)
+                    self.argv = qemu_argv(spec, accel, vsock_available=vsock, fds=fds)
+                    self.pass_fds = fds.all
+                    self.groups = tuple(kvm_groups()) if accel.name == "kvm" else ()
+                self._spawn()
+            if spec.qmp_socket is not None:
+                self._wait_for_qmp(open_timeout)
         except BaseException:
             self.stop()
             raise
         finally:
-            spec.config_disk.unlink(missing_ok=True)
+            if owns_disk:
+                spec.config_disk.unlink(missing_ok=True)
         return self
+
+    def _popen(self, out: IO[bytes], **extra: Any) -> subprocess.Popen[bytes]:
+        """QEMU with stdout/stderr to ``out``; as the agent: its uid and gid (real, effective, saved), no
+        supplementary groups but KVM's (``kvm_groups``), umask 077, and the descriptors of open_fds."""
+        ids: dict[str, Any] = {}
+        if self.spec.uid is not None:
+            ids = {"user": self.spec.uid, "group": self.spec.gid, "extra_groups": list(self.groups), "umask": 0o077}
+        return subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            close_fds=True,
+            pass_fds=self.pass_fds,
+            **ids,
+            **extra,
+        )
 
     def _spawn(self) -> None:
         with self.qemu_log.open("wb") as log:  # QEMU's own messages: a file, so a pipe can never fill up
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+            self.proc = self._popen(log)
 
     def _wait_for_qmp(self, timeout: float) -> None:
         assert self.proc is not None and self.spec.qmp_socket is not None

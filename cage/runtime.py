@@ -7,7 +7,8 @@ already done, newest first, so a failed start leaves nothing behind:
    every credential it lists is in the vault and granted to it (cage.vault: the refusal names them, never values);
 2. its TAP (``nb-<hash>``) with the gateway address of its /30, up (cage.network);
 3. egress ``add_agent {agent, interface, allow}``: the agent's default-deny rules and DNS proxy;
-4. ctxgraph ``register_agent {agent, uid, gid}``: the agent's own socket, which the VM's channel connects to;
+4. ctxgraph ``register_agent {agent, uid, gid, max_calls_per_hour}``: the agent's own socket, which the VM's channel
+   connects to, with the manifest's ``max_api_calls_per_hour`` as its budget;
 5. its cgroup (cpu.max, memory.max = max_memory_mb + VMM overhead, pids.max; controllers the hierarchy lacks are
    reported, not fatal);
 6. the VMM: QEMU (root image packed once per install, config disk with env + secrets, QMP) or libkrun (launcher);
@@ -15,8 +16,10 @@ already done, newest first, so a failed start leaves nothing behind:
 
 A monitor waits for the VMM to exit (pidfd), records how it ended (QEMU's status, the guest's
 ``NULLBOX-AGENT-EXIT``/``NULLBOX-GUEST-FAIL`` console lines) and undoes everything; ``agent.restart`` and
-nullbox.backoff decide whether and when it starts again.  Stopping asks the guest to power down (QMP
-``system_powerdown``), then SIGTERMs the VMM, then kills the cgroup, waiting ``stop_timeout_s`` between steps.
+nullbox.backoff decide whether and when it starts again.  With ``capabilities.health_check`` it also runs the
+agent's health checks (cage.health); an unhealthy VM is stopped and that counts as a failure.  Stopping asks the
+guest to power down (QMP ``system_powerdown``), then SIGTERMs the VMM, then kills the cgroup, waiting
+``stop_timeout_s`` between steps.
 
 The VM's console goes through a FIFO that cage reads into ``<log dir>/<agent>.log`` (rotated at 1 MiB, two old files
 kept) and to ``logs`` followers.
@@ -43,6 +46,7 @@ from cage import defaults, network, qemu
 from cage.agents import AgentNotFound, AgentStore, InstalledAgent, StoreError, check_name
 from cage.cgroup import CgroupError, Group, Hierarchy, Limits
 from cage.config import CageConfig
+from cage.health import HealthWatch
 from cage.manifest import Manifest, ManifestError, Restart, parse_bytes
 from cage.manifest import load as load_manifest
 from cage.network import Link, NetworkError, Pool, SlotMap
@@ -218,15 +222,14 @@ class ConsoleLog:
 @dataclass
 class CagedVm(qemu.Vm):
     """cage.qemu's Vm, with the VMM moved into the agent's cgroup right after the fork and in a session of its own
-    (a ^C to cage's process group never reaches it; cage stops its VMs itself)."""
+    (a ^C to cage's process group never reaches it; cage stops its VMs itself).  It runs as the agent's uid and gid
+    (the spec's; qemu.Vm._popen)."""
 
     cgroup: Group | None = None
 
     def _spawn(self) -> None:
         with self.qemu_log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True, start_new_session=True
-            )
+            self.proc = self._popen(out, start_new_session=True)
         if self.cgroup is not None:
             try:
                 self.cgroup.add(self.proc.pid)
@@ -260,6 +263,8 @@ class Run:
     started_wall: float = 0.0
     stop_requested: bool = False
     finished: bool = False
+    health: HealthWatch | None = None  # with capabilities.health_check
+    unhealthy: str | None = None  # why the health check stopped this run
 
 
 @dataclass
@@ -498,7 +503,7 @@ class Cage:
         """Steps 2-6; each appends its undo to ``run.undo`` once done."""
         await self._step_tap(run)
         await self._step_egress(run, manifest)
-        await self._step_ctxgraph(run)
+        await self._step_ctxgraph(run, manifest)
         await self._step_cgroup(run, manifest)
         await self._step_backend(run, installed, manifest, env)
 
@@ -528,12 +533,19 @@ class Cage:
                 raise _refused("egress", name, again) from None
         run.undo.append(("egress", functools.partial(self._undo_egress, name)))
 
-    async def _step_ctxgraph(self, run: Run) -> None:
+    async def _step_ctxgraph(self, run: Run, manifest: Manifest) -> None:
         self._hook("ctxgraph")
         name = run.agent
+        calls = manifest.capabilities.max_api_calls_per_hour  # ctxgraph is the one appliance API a VM reaches
         try:
             reply = await self._call(
-                "ctxgraph", self.paths.ctxgraph, "register_agent", agent=name, uid=run.uid, gid=run.uid
+                "ctxgraph",
+                self.paths.ctxgraph,
+                "register_agent",
+                agent=name,
+                uid=run.uid,
+                gid=run.uid,
+                max_calls_per_hour=calls,
             )
         except WireError as exc:
             raise _refused("ctxgraph", name, exc) from None
@@ -657,8 +669,13 @@ class Cage:
         for what, path in (("kernel", self.config.kernel), ("initramfs", self.config.initramfs)):
             if not path.is_file():
                 raise RuntimeError(f"the guest {what} {path} does not exist (backend.{what} in cage.toml)")
+        from cage import shares as data_shares  # noqa: PLC0415 (imports cage.manifest's data_path)
+
         image = self._root_image(installed)
-        disk = qemu.write_config_disk(run.directory / "config.img", manifest.agent.argv, env, "/")
+        data = data_shares.data_dir(self.paths.state, run.agent)
+        shares = data_shares.plan(data, manifest.capabilities.filesystem)
+        data_shares.prepare(data, shares, run.uid, run.uid)
+        disk = qemu.write_config_disk(run.directory / "config.img", manifest.agent.argv, env, "/", shares)
         spec = qemu.QemuVM(
             agent=run.agent,
             kernel=self.config.kernel,
@@ -671,6 +688,9 @@ class Cage:
             net=run.link.guest_net(),
             ctxgraph_socket=run.ctx_socket,
             qmp_socket=run.directory / "qmp.sock",
+            shares=tuple(shares),
+            uid=run.uid,
+            gid=run.uid,
         )
         vm = CagedVm(spec, cgroup=run.group)
         try:
@@ -682,11 +702,15 @@ class Cage:
     def _start_libkrun(
         self, run: Run, installed: InstalledAgent, manifest: Manifest, env: Mapping[str, str], console: Path
     ) -> subprocess.Popen[bytes]:
+        from cage import shares as data_shares  # noqa: PLC0415
         from cage.launcher import LibkrunBackend  # noqa: PLC0415 (only with libkrun)
-        from cage.vmspec import VmSpec  # noqa: PLC0415
+        from cage.vmspec import Share, VmSpec  # noqa: PLC0415
 
         if installed.rootfs_path is None or installed.rootfs_kind is None or run.ctx_socket is None:
             raise RuntimeError(f"agent {installed.name} has no rootfs or no ctxgraph socket")
+        data = data_shares.data_dir(self.paths.state, run.agent)
+        shares = data_shares.plan(data, manifest.capabilities.filesystem)
+        data_shares.prepare(data, shares, run.uid, run.uid)
         spec = VmSpec(
             agent=run.agent,
             vcpus=1,
@@ -700,6 +724,8 @@ class Cage:
             ctxgraph_socket=run.ctx_socket,
             uid=run.uid,
             gid=run.uid,
+            # virtio-fs, opened by path after the launcher's privilege drop; the guest mounts them (tag data<N>)
+            shares=tuple(Share(s.tag, s.host_path, s.read_only) for s in shares),
             console_log=console,
         )
         proc = LibkrunBackend(self.config.libkrun).start(spec)
@@ -741,6 +767,12 @@ class Cage:
 
     async def _monitor(self, rt: AgentRuntime, run: Run) -> None:
         assert run.exited is not None
+        with contextlib.suppress(WireError, ManifestError):
+            check = self.installed(run.agent).require().capabilities.health_check
+            if check is not None:
+                on_unhealthy = functools.partial(self._background_unhealthy, rt, run)
+                run.health = HealthWatch(check, str(run.link.guest.ip), on_unhealthy)
+                run.health.start()
         await asyncio.shield(run.exited)
         async with rt.lock:
             if run.finished:
@@ -756,9 +788,25 @@ class Cage:
             else:
                 rt.desired = False
 
+    def _background_unhealthy(self, rt: AgentRuntime, run: Run, reason: str) -> None:
+        self._background(self._stop_unhealthy(rt, run, reason))
+
+    async def _stop_unhealthy(self, rt: AgentRuntime, run: Run, reason: str) -> None:
+        """The health check gave up on this run: stop its VM; the monitor then restarts it as after a crash."""
+        async with rt.lock:
+            if rt.run is not run or run.finished or run.stop_requested or rt.state != "running":
+                return  # stopped, paused or ended meanwhile
+            run.unhealthy = reason
+            rt.state = "stopping"
+            rt.console.note(f"agent {run.agent} is unhealthy ({reason}); stopping its VM")
+            log.warning("agent %s is unhealthy (%s); stopping its VM", run.agent, reason)
+            await self._stop_vmm(run)
+
     async def _finish(self, rt: AgentRuntime, run: Run) -> None:
         """The VMM has exited: record how, undo the start, set the state (the caller holds rt.lock)."""
         run.finished = True
+        if run.health is not None:
+            run.health.close()
         assert run.exited is not None
         status = run.exited.result() if run.exited.done() else None
         self._close_console(run)
@@ -766,7 +814,7 @@ class Cage:
         agent_status = run.agent_status
         if run.backend == "libkrun" and agent_status is None and status is not None and status >= 0:
             agent_status = status  # libkrun's process ends with the workload's status
-        failed = run.guest_failure is not None or agent_status != 0
+        failed = run.guest_failure is not None or run.unhealthy is not None or agent_status != 0
         try:
             restart = self.installed(run.agent).require().agent.restart
         except (WireError, ManifestError):
@@ -780,10 +828,13 @@ class Cage:
             "stopped": run.stop_requested,
             "failed": failed and not run.stop_requested,
             "restart": str(restart),
+            "unhealthy": run.unhealthy,
         }
         detail = f"agent status {agent_status}" if agent_status is not None else "no agent status"
         if run.guest_failure:
             detail += f", guest failure: {run.guest_failure}"
+        if run.unhealthy:
+            detail += f", unhealthy: {run.unhealthy}"
         rt.console.note(f"agent {run.agent} ended (VMM status {status}, {detail})")
         log.info("agent %s ended after %.1fs (VMM status %s, %s)", run.agent, uptime, status, detail)
         await self._undo(run)
@@ -875,9 +926,14 @@ class Cage:
         async with rt.lock:
             if rt.state != "running" or rt.run is None or rt.run.group is None:
                 raise WireError(ErrorCode.CONFLICT, f"agent {name} is {rt.state}, not running")
+            health = rt.run.health
+            if health is not None:
+                health.suspend()  # a frozen VM does not answer, and is not unhealthy for it
             try:
                 await asyncio.to_thread(rt.run.group.freeze)
             except CgroupError as exc:
+                if health is not None:
+                    health.resume()
                 raise _unavailable(str(exc)) from None
             rt.state = "paused"
             log.info("agent %s paused", name)
@@ -893,6 +949,8 @@ class Cage:
             except CgroupError as exc:
                 raise _unavailable(str(exc)) from None
             rt.state = "running"
+            if rt.run.health is not None:
+                rt.run.health.resume()  # probing starts over, with a fresh start period
             log.info("agent %s resumed", name)
         return self.status_of(name)
 
@@ -964,6 +1022,8 @@ class Cage:
             out["uptime_s"] = round(time.monotonic() - run.started_mono, 3)
             out["network"] = run.link.to_json()
             out["ctxgraph_socket"] = str(run.ctx_socket) if run.ctx_socket else None
+            if run.health is not None:
+                out["health"] = run.health.health.to_json()
             if run.group is not None:
                 out["cgroup"] = self._cgroup_status(run)
         return out

@@ -42,7 +42,11 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Share:
-    """A host directory exposed to the guest over virtio-fs under ``tag``; ``read_only`` is enforced host side."""
+    """A host directory exposed to the guest over virtio-fs under ``tag``; ``read_only`` is enforced host side.
+
+    cage makes one per ``capabilities.filesystem`` path (cage.shares: tags ``data<N>``, directories under the agent's
+    data directory, prepared and owned before the start); libkrun opens ``host_path`` after the launcher's privilege
+    drop, so it must be reachable by the agent's uid (cage.shares makes the data directories 0711)."""
 
     tag: str
     host_path: Path

@@ -303,6 +303,9 @@ def _status_fields(out: Output, status: dict[str, Any]) -> list[tuple[str, Cell]
         pairs.append(("backend", f"{status.get('backend')} (pid {status['pid']}, uid {status.get('uid')})"))
     if status.get("uptime_s") is not None:
         pairs.append(("uptime", f"{duration(status['uptime_s'])} (since {status.get('started_at')})"))
+    health = status.get("health")
+    if isinstance(health, dict):
+        pairs.append(("health", _health(health)))
     network = status.get("network")
     if isinstance(network, dict):
         pairs.append(("network", f"{network.get('address')} via {network.get('gateway')} on {network.get('tap')}"))
@@ -317,10 +320,26 @@ def _status_fields(out: Output, status: dict[str, Any]) -> list[tuple[str, Cell]
             parts.append(f"agent status {last['agent_status']}")
         if last.get("guest_failure"):
             parts.append(f"guest failed: {last['guest_failure']}")
+        if last.get("unhealthy"):
+            parts.append(f"unhealthy: {last['unhealthy']}")
         if last.get("stopped"):
             parts.append("stopped")
         pairs.append(("last exit", ", ".join(parts)))
     return pairs
+
+
+HEALTH_STYLES: Final = {"healthy": "green", "starting": "yellow", "paused": "cyan", "unhealthy": "red"}
+
+
+def _health(health: dict[str, Any]) -> Cell:
+    """``healthy, last HTTP 200 at ...`` or ``starting, 2 failures in a row, last connection refused at ...``."""
+    state = str(health.get("state"))
+    parts = [state]
+    if health.get("failures"):
+        parts.append(f"{health['failures']} failures in a row")
+    if health.get("last"):
+        parts.append(f"last {health['last']} at {health.get('checked_at')}")
+    return (", ".join(parts), HEALTH_STYLES.get(state))
 
 
 def _mib(count: Any) -> str:

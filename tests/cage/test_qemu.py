@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -170,6 +171,99 @@ def test_spec_validation(tmp_path: Path) -> None:
     assert f"file={tmp_path}/a,,b.img,format=raw,if=none,id=root,readonly=on" in option(commas, "-drive")
 
 
+def test_argv_with_passed_descriptors(tmp_path: Path) -> None:
+    """Running as the agent: QEMU gets every host resource as a descriptor, never a path it would open itself."""
+    net = GuestNet("nb-1a2b3c", IPv4Interface("10.77.0.2/30"), IPv4Address("10.77.0.1"), "52:54:00:12:34:56")
+    share = qemu.GuestShare("data0", tmp_path / "data" / "in", "/data/in", read_only=True)
+    vm = spec(tmp_path, net=net, uid=70123, shares=(share,))
+    fds = qemu.PassedFds(root=10, config=11, console=12, qmp=13, tap=14, ctx=15, shares=(16,))
+    argv = qemu.qemu_argv(vm, TCG, vsock_available=False, fds=fds)
+    assert option(argv, "-add-fd") == ["fd=12,set=3", "fd=10,set=1", "fd=11,set=2"]
+    assert option(argv, "-drive") == [
+        "file=/dev/fdset/1,format=raw,if=none,id=root,readonly=on",
+        "file=/dev/fdset/2,format=raw,if=none,id=config,readonly=on",
+    ]
+    chardevs = option(argv, "-chardev")
+    assert "file,id=console,path=/dev/fdset/3,append=on" in chardevs
+    assert "socket,id=qmp,fd=13,server=on,wait=off" in chardevs
+    assert "socket,id=ctx,fd=15" in chardevs
+    assert option(argv, "-netdev") == ["tap,id=net0,fd=14"]
+    assert option(argv, "-fsdev") == ["local,id=fs0,path=/proc/self/fd/16,security_model=none,readonly=on"]
+    # nothing under the caller's directories is opened by path but the kernel and initramfs (installed world-readable)
+    assert [a for a in argv if str(tmp_path) in a] == [str(vm.kernel), str(vm.initramfs)]
+    assert fds.all == (10, 11, 12, 13, 14, 15, 16)
+    # the ctxgraph socket by path (reconnecting) when the agent's uid reaches it
+    by_path = qemu.qemu_argv(vm, TCG, vsock_available=False, fds=replace(fds, ctx=None))
+    assert f"socket,id=ctx,path={tmp_path / 'agents' / 'alpha.sock'},reconnect=1" in option(by_path, "-chardev")
+    assert option(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+
+
+def test_shares_in_argv(tmp_path: Path) -> None:
+    shares = (
+        qemu.GuestShare("data0", tmp_path / "a,b", "/data/in", read_only=True),
+        qemu.GuestShare("data1", tmp_path / "out", "/data/in/out", read_only=False),
+    )
+    argv = qemu.qemu_argv(spec(tmp_path, shares=shares), TCG)
+    assert option(argv, "-fsdev") == [
+        f"local,id=fs0,path={tmp_path}/a,,b,security_model=none,readonly=on",
+        f"local,id=fs1,path={tmp_path}/out,security_model=none",
+    ]
+    assert [d for d in option(argv, "-device") if "9p" in d] == [
+        "virtio-9p-device,fsdev=fs0,mount_tag=data0",
+        "virtio-9p-device,fsdev=fs1,mount_tag=data1",
+    ]
+
+
+def test_uid_and_share_validation(tmp_path: Path) -> None:
+    assert spec(tmp_path, uid=70001).gid == 70001  # gid defaults to the uid
+    assert spec(tmp_path, uid=70001, gid=70002).gid == 70002
+    for bad in ({"uid": 0}, {"uid": 2**32 - 1}, {"gid": 5}, {"uid": True}):
+        with pytest.raises(ValueError):
+            spec(tmp_path, **bad)
+    with pytest.raises(ValueError, match="tag"):
+        qemu.GuestShare("x" * 32, tmp_path, "/data", read_only=True)  # the 9p mount_tag limit
+    for path in ("/data/a b", "/data/../etc", "data", "/data/x:rw", "/data//x", "/data/x/"):
+        with pytest.raises(ValueError, match="guest path"):
+            qemu.GuestShare("data0", tmp_path, path, read_only=True)
+    twice = qemu.GuestShare("data0", tmp_path, "/data", read_only=True)
+    with pytest.raises(ValueError, match="twice"):
+        spec(tmp_path, shares=(twice, replace(twice, guest_path="/data/x")))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_reachable_socket_and_kvm_groups(tmp_path: Path) -> None:
+    """What decides how QEMU, as the agent, reaches ctxgraph (path or passed connection) and KVM (which group)."""
+    uid = 70123
+    top = Path(tempfile.mkdtemp(prefix="nbq-"))
+    try:
+        top.chmod(0o711)
+        (top / "agents").mkdir(mode=0o711)
+        sock = top / "agents" / "a.sock"
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(sock))
+            sock.chmod(0o600)
+            assert not qemu.reachable_socket(sock, uid, uid)  # root's socket
+            os.chown(sock, uid, uid)
+            assert qemu.reachable_socket(sock, uid, uid)
+            assert qemu.reachable_socket(top / "agents" / "later.sock", uid, uid)  # QEMU reconnects until it exists
+            top.chmod(0o700)
+            assert not qemu.reachable_socket(sock, uid, uid)
+    finally:
+        shutil.rmtree(top)
+    device = tmp_path / "kvm"
+    device.touch(0o666)
+    device.chmod(0o666)
+    assert qemu.kvm_groups(device) == []
+    device.chmod(0o660)
+    os.chown(device, 0, 36)  # udev's kvm group
+    assert qemu.kvm_groups(device) == [36]
+    os.chown(device, 0, 0)
+    device.chmod(0o600)  # devtmpfs without udev: cage gives it a group of its own
+    assert qemu.kvm_groups(device) == [qemu.KVM_GID]
+    st = device.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, qemu.KVM_GID, 0o660)
+
+
 # ------------------------------------------------------------------------------------------------ config disk
 
 
@@ -188,6 +282,19 @@ def test_config_disk_round_trips_through_sh(tmp_path: Path) -> None:
         ["busybox", "sh", "-c", script, "sh", str(disk)], check=True, capture_output=True, env={}
     ).stdout.decode()
     assert out.split("\0")[:-1] == [SECRET, "", env["UNI"], "/work dir", "3", "/bin/agent", "two words", "it's"]
+
+
+def test_config_disk_lists_shares_parents_first(tmp_path: Path) -> None:
+    shares = [
+        qemu.GuestShare("data1", tmp_path / "o", "/data/in/out", read_only=False),
+        qemu.GuestShare("data2", tmp_path / "w", "/data/in-x", read_only=False),
+        qemu.GuestShare("data0", tmp_path / "i", "/data/in", read_only=True),
+    ]
+    disk = qemu.write_config_disk(tmp_path / "config.img", ["/a"], {"X": "1"}, "/", shares)
+    script = 'tr -d \'\\000\' <"$1" >"$1.sh" && . "$1.sh" && printf "%s" "$NB_SHARES"'
+    out = subprocess.run(["busybox", "sh", "-c", script, "sh", str(disk)], check=True, capture_output=True).stdout
+    assert out.decode().split() == ["data0:ro:/data/in", "data1:rw:/data/in/out", "data2:rw:/data/in-x"]
+    assert "NB_SHARES=''" in qemu.config_text(["/a"], {})  # none: the guest mounts nothing
 
 
 def test_config_disk_refuses_bad_input(tmp_path: Path) -> None:
@@ -593,3 +700,64 @@ def test_an_ext4_root_image_boots(tmp_path: Path, boot_files: BootFiles) -> None
     check_guest_kernel(boot_files, outcome.console)
     assert outcome.guest_failure is None and outcome.agent_status == 0
     assert "agent: on an ext4 root" in outcome.console
+
+
+AGENT_UID = 70123  # no such user here; what cage.defaults.UID_BASE + slot would give an agent
+
+
+def process_ids(pid: int) -> dict[str, list[int]]:
+    """Uid, Gid (real, effective, saved, filesystem) and Groups of a live process, from /proc/PID/status."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: [int(v) for v in fields[name].split()] for name in ("Uid", "Gid", "Groups")}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching uid and the TAP need root")
+def test_qemu_runs_as_the_agent_uid(tmp_path: Path, server: ServerProcess, tap: GuestNet) -> None:
+    """With ``uid`` QEMU is the agent's uid and gid and nothing else, yet boots, pings and reaches ctxgraph: by path
+    (reconnecting) when the uid can reach its socket, else through a connection cage opened (here: the pytest
+    directory is 0700 root)."""
+    kernel, initramfs = guestimage.guest_files(kernel=KernelKind.NULLBOX)
+    image = guestimage.pack_rootfs(build_agent_rootfs(tmp_path / "root"), tmp_path / "root.sqfs")
+    reachable = ServerProcess(Path(tempfile.mkdtemp(prefix="nbq-")) / "ctx")
+    reachable.root.parent.chmod(0o711)  # as /run/nullbox: the agent's uid may pass
+    try:
+        reachable.start()
+        outcomes = {}
+        for agent, ctxgraph, net in (("alpha", reachable, tap), ("beta", server, None)):
+            admin = ctxgraph.client()
+            sock = Path(admin.register_agent(agent, uid=AGENT_UID, gid=AGENT_UID)["socket"])
+            env = agent_env(f"uid/{agent}", "TOKEN", f"tok-{agent}", ping=None if net is None else str(net.gateway))
+            vm = QemuVM(
+                agent=agent,
+                kernel=kernel,
+                initramfs=initramfs,
+                rootfs=image,
+                config_disk=qemu.write_config_disk(tmp_path / f"{agent}.cfg", [AGENT_PATH], env, "/work"),
+                console_log=tmp_path / f"{agent}.console",
+                qmp_socket=tmp_path / f"{agent}.qmp",
+                ctxgraph_socket=sock,
+                net=net,
+                uid=AGENT_UID,
+            )
+            with Vm(vm) as running:
+                running.start()
+                assert not vm.config_disk.exists()
+                assert running.proc is not None
+                ids = process_ids(running.proc.pid)
+                assert ids == {"Uid": [AGENT_UID] * 4, "Gid": [AGENT_UID] * 4, "Groups": []}, ids
+                chardevs = option(running.argv, "-chardev")
+                by_path = f"socket,id=ctx,path={sock},reconnect=1" in chardevs
+                assert by_path is (ctxgraph is reachable), chardevs
+                if net is not None:
+                    assert option(running.argv, "-netdev")[0].startswith("tap,id=net0,fd=")
+                outcome = running.wait(45)
+            print(f"--- console of {agent}:\n{outcome.console}", file=sys.stderr)
+            assert outcome.guest_failure is None and outcome.agent_status == 0, outcome.console
+            entries = admin.by_agent(agent)["entries"]
+            assert [(e["key"], e["value"]) for e in entries] == [(f"uid/{agent}", f"tok-{agent}")]
+            outcomes[agent] = outcome
+            admin.close()
+        assert f"the gateway {tap.gateway} answers" in outcomes["alpha"].console
+    finally:
+        reachable.close()
+        shutil.rmtree(reachable.root.parent, ignore_errors=True)
