@@ -44,6 +44,7 @@ bench: deps
 	$(BIN)/python -m bench.kernel_bench
 	$(BIN)/python -m bench.agent_vm_boot
 	$(BIN)/python -m bench.nullctl_bench
+	$(BIN)/python -m bench.cage_bench
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis
