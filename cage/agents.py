@@ -46,10 +46,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from cage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, NAME_RE, Manifest, ManifestError, digest, parse_bytes
+from cage.terms import MANIFEST_NAME, MAX_MANIFEST_BYTES, NAME_RE, ManifestError, digest
 from nullbox import durable
+
+if TYPE_CHECKING:
+    from cage.manifest import Manifest
 
 DEFAULT_ROOT: Final = Path("/var/lib/nullbox/agents")
 INSTALL_RECORD: Final = ".installed.json"
@@ -215,6 +218,8 @@ class AgentStore:
         manifests only. Raises ManifestError (invalid manifest) or StoreError; on any failure the installed agent
         is untouched.
         """
+        from cage.manifest import parse_bytes  # noqa: PLC0415 (pydantic: only when a manifest is read)
+
         raw, label, base = self._read_source(source, source_label)
         manifest = parse_bytes(raw, label)
         name = manifest.agent.name
@@ -409,6 +414,8 @@ class AgentStore:
             return broken(f"cannot be read: {exc.strerror}")
         sha = digest(raw)
         manifest: Manifest | None
+        from cage.manifest import parse_bytes  # noqa: PLC0415 (pydantic: only when a manifest is read)
+
         try:
             manifest = parse_bytes(raw, label)
         except ManifestError as exc:

@@ -34,6 +34,9 @@ TAP_PREFIX: Final = "nb-"
 
 #: Per-agent ids: uid = gid = UID_BASE + the agent's slot (the same slot picks its /30).
 UID_BASE: Final = 70000
+#: The agent VM's vsock CID when the host has vhost-vsock: VSOCK_CID_BASE + its slot.  CIDs are global on a host
+#: kernel, so a high base keeps clear of the small CIDs other VMMs hand out (3, 4, ...).
+VSOCK_CID_BASE: Final = 0x4E420000
 
 #: memory.max = the agent's max_memory_mb + this much for the VMM itself (QEMU's code, TCG translation cache, I/O).
 VMM_OVERHEAD_MIB: Final = 128

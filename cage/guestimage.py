@@ -225,6 +225,22 @@ def static_busybox() -> tuple[bytes, list[str]]:
     return data, applets.split()
 
 
+VSOCK_RELAY: Final = Path(__file__).resolve().parent / "guest" / "nb-vsock.c"
+
+
+def vsock_relay() -> bytes:
+    """nb-vsock (cage/guest/nb-vsock.c) compiled static: what a shell agent's root needs to reach ctxgraph over
+    vsock (busybox's nc has no AF_VSOCK).  The demo agent in the image carries it."""
+    with tempfile.TemporaryDirectory(prefix="nb-vsock-") as scratch:
+        binary = Path(scratch) / "nb-vsock"
+        argv = ["gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(VSOCK_RELAY)]
+        subprocess.run(argv, check=True)
+        data = binary.read_bytes()
+    if not is_static_elf(data):
+        raise RuntimeError(f"{VSOCK_RELAY} did not compile to a static executable")
+    return data
+
+
 def initramfs_entries(
     init: bytes, busybox: bytes, applets: Sequence[str], version: str, tree: ModuleTree | None
 ) -> list[Entry]:

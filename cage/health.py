@@ -22,9 +22,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from cage.manifest import HealthCheck
+if TYPE_CHECKING:
+    from cage.manifest import HealthCheck
+
 
 log = logging.getLogger("cage.health")
 

@@ -21,7 +21,6 @@ Rules that hold everywhere:
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from collections.abc import Mapping
@@ -42,10 +41,18 @@ from pydantic import (
     model_validator,
 )
 
-from egress.names import AGENT_RE, MAX_ALLOW_ENTRIES, AllowEntry, AllowList, InvalidName
+from cage.terms import (  # the daemon's pydantic-free terms (cage.terms); use them from there
+    ENV_NAME_RE,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    NAME_RE,
+    RESERVED_ENV_PREFIXES,
+    ManifestError,
+    Restart,
+    Risk,
+)
+from egress.names import MAX_ALLOW_ENTRIES, AllowEntry, AllowList, InvalidName
 
-MANIFEST_NAME: Final = "AGENT.toml"
-MAX_MANIFEST_BYTES: Final = 64 * 1024
 SCHEMA_ID: Final = "urn:nullbox:schema:agent-toml:1"
 
 DATA_MOUNT: Final = "/data"
@@ -54,8 +61,6 @@ DATA_MOUNT: Final = "/data"
 DEFAULT_EXEC_DIR: Final = "/agent/bin"
 """NullBox's convention: without ``agent.command`` the VM runs ``/agent/bin/<name>``."""
 
-RESERVED_ENV_PREFIXES: Final = ("NULLBOX_", "KRUN_")
-"""Environment names cage (``NULLBOX_*``) and libkrun's guest init (``KRUN_*``) set; a manifest may not."""
 
 MAX_COMMAND_ARGS: Final = 256
 MAX_ARG_CHARS: Final = 4096
@@ -68,10 +73,8 @@ MAX_FS_PATHS: Final = 64
 MAX_PATH_CHARS: Final = 1024
 MAX_TOOLS: Final = 256
 
-NAME_RE: Final = AGENT_RE
 VERSION_RE: Final = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
 RUNTIME_RE: Final = re.compile(r"[a-z][a-z0-9.+_-]{0,31}")
-ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 TOOL_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ROOTFS_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 PATH_PART_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
@@ -344,21 +347,6 @@ Command = Annotated[
 ]
 
 
-class Risk(StrEnum):
-    LOW = "low"
-    MEDIUM = "medium"
-    HIGH = "high"
-    CRITICAL = "critical"
-
-
-class Restart(StrEnum):
-    """When cage starts an agent's VM again after it ended (the same words as nulld.toml's ``restart``)."""
-
-    ALWAYS = "always"
-    ON_FAILURE = "on-failure"
-    NEVER = "never"
-
-
 class Accelerator(StrEnum):
     """NullBox's GPU/NPU pinning; this cage passes no devices through, so ``none`` is the only value."""
 
@@ -551,18 +539,6 @@ class Manifest(_Table):
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-class ManifestError(ValueError):
-    """An AGENT.toml that is refused; ``lines`` holds one ``<source>: <field>: <message>`` line per problem."""
-
-    code: Final = "invalid_request"
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        self.lines = [f"{source}: {p}" for p in problems]
-        super().__init__("\n".join(self.lines))
-
-
 def _loc_text(loc: tuple[str | int, ...]) -> str:
     text = ""
     for part in loc:
@@ -711,11 +687,6 @@ def load(path: Path) -> Manifest:
     except OSError as exc:
         raise ManifestError(source, [f"cannot be read: {exc.strerror or exc}"]) from None
     return parse_bytes(raw, source)
-
-
-def digest(raw: bytes) -> str:
-    """SHA-256 (lowercase hex) of a manifest's exact bytes — what an operator's approval refers to."""
-    return hashlib.sha256(raw).hexdigest()
 
 
 def data_path(data_dir: Path, guest_path: str) -> Path:

@@ -24,11 +24,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from cage.manifest import NAME_RE, Risk, ToolDef
+from cage.terms import NAME_RE, Risk
 from nullbox import durable
 from nullbox.wire import ErrorCode, WireError
+
+if TYPE_CHECKING:
+    from cage.manifest import ToolDef
 
 log = logging.getLogger("cage.policy")
 
@@ -49,7 +52,7 @@ APPROVE_HINT: Final = "nullctl agent approve {agent}"
 RISK_ORDER: Final = (Risk.LOW, Risk.MEDIUM, Risk.HIGH, Risk.CRITICAL)
 """Risk levels from least to most dangerous; :func:`rank` is a level's index here."""
 
-ToolRisk = Risk | str | ToolDef
+ToolRisk: TypeAlias = "Risk | str | ToolDef"  # a string: ToolDef (pydantic) is imported for type checking only
 """What :meth:`Policy.check` accepts per tool: a level, its name, or a manifest ``[tools]`` entry."""
 
 
@@ -79,7 +82,7 @@ def exceeds(risk: Risk | str, limit: Risk | str) -> bool:
 
 
 def _tool_risk(tool: str, value: ToolRisk) -> Risk:
-    if isinstance(value, ToolDef):
+    if not isinstance(value, str):  # a manifest's ToolDef (its risk is already a Risk)
         return value.risk
     try:
         return parse_risk(value)

@@ -23,8 +23,9 @@ What the VM gets (``qemu_argv``; a plain argv list, never a shell string):
   the host only while a VM starts.
 - Network: the TAP the cage daemon made (``-netdev tap,ifname=...,script=no,downscript=no``) as virtio-net.
 - ctxgraph: vhost-vsock (guest CID from the spec; the guest dials host CID 2 port 7000, which ctxgraph maps to the
-  agent registered with that CID) when /dev/vhost-vsock exists, else the virtio-serial port
-  ``org.nullbox.ctxgraph`` whose host side is QEMU connecting, as a client, to the agent's own ctxgraph socket
+  agent registered with that CID) when /dev/vhost-vsock exists, and always (so that an agent with no vsock client,
+  busybox's shell, still has one) the virtio-serial port ``org.nullbox.ctxgraph`` whose host side is QEMU
+  connecting, as a client, to the agent's own ctxgraph socket
   (agents/<agent>.sock).  ctxgraph binds identity to the socket, so every line the guest writes is that agent's
   and a put naming another agent is ``forbidden``.  Both sides speak newline-delimited JSON (nullbox.wire), which
   QEMU passes through byte for byte.  The stream is shared by everything in the guest that opens the port and
@@ -391,18 +392,19 @@ def qemu_argv(
 
 
 def _ctx_args(vm: QemuVM, channel: Channel, fds: PassedFds | None) -> list[str]:
-    """The ctxgraph channel's devices."""
+    """The ctxgraph channel's devices: vhost-vsock when the channel is vsock, and the virtio-serial port whenever
+    there is a socket (``nullbox.ctx=vsock`` tells the guest it has both)."""
+    argv: list[str] = []
     if channel == "vsock":
         vhost = "" if fds is None or fds.vhost_vsock is None else f",vhostfd={fds.vhost_vsock}"
-        return ["-device", f"vhost-vsock-device,guest-cid={vm.vsock_cid}{vhost}"]
-    if channel == "none":
-        return []
-    assert vm.ctxgraph_socket is not None
+        argv += ["-device", f"vhost-vsock-device,guest-cid={vm.vsock_cid}{vhost}"]
+    if vm.ctxgraph_socket is None:
+        return argv
     if fds is not None and fds.ctx is not None:
-        argv = ["-chardev", f"socket,id=ctx,fd={fds.ctx}"]
+        argv += ["-chardev", f"socket,id=ctx,fd={fds.ctx}"]
     else:
         # A client of the agent's socket; reconnect: QEMU starts even if ctxgraph is restarting, and reconnects.
-        argv = ["-chardev", f"socket,id=ctx,path={_v(vm.ctxgraph_socket)},reconnect={CTX_RECONNECT_S}"]
+        argv += ["-chardev", f"socket,id=ctx,path={_v(vm.ctxgraph_socket)},reconnect={CTX_RECONNECT_S}"]
     return [
         *argv,
         "-device",
@@ -516,12 +518,10 @@ def open_fds(vm: QemuVM, held: contextlib.ExitStack, vsock_available: bool | Non
     channel = ctx_channel(vm, vsock_available)
     vhost = keep(os.open(VHOST_VSOCK, os.O_RDWR | os.O_CLOEXEC)) if channel == "vsock" else None
     ctx = None
-    if channel == "serial":
-        assert vm.ctxgraph_socket is not None
-        if not reachable_socket(vm.ctxgraph_socket, vm.uid, vm.gid):
-            client = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            client.connect(str(vm.ctxgraph_socket))
-            ctx = client.fileno()
+    if vm.ctxgraph_socket is not None and not reachable_socket(vm.ctxgraph_socket, vm.uid, vm.gid):
+        client = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        client.connect(str(vm.ctxgraph_socket))
+        ctx = client.fileno()
     shares = tuple(
         keep(os.open(s.host_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)) for s in vm.shares
     )

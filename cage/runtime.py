@@ -7,8 +7,9 @@ already done, newest first, so a failed start leaves nothing behind:
    every credential it lists is in the vault and granted to it (cage.vault: the refusal names them, never values);
 2. its TAP (``nb-<hash>``) with the gateway address of its /30, up (cage.network);
 3. egress ``add_agent {agent, interface, allow}``: the agent's default-deny rules and DNS proxy;
-4. ctxgraph ``register_agent {agent, uid, gid, max_calls_per_hour}``: the agent's own socket, which the VM's channel
-   connects to, with the manifest's ``max_api_calls_per_hour`` as its budget;
+4. ctxgraph ``register_agent {agent, uid, gid, max_calls_per_hour, cid?}``: the agent's own socket, which the VM's
+   virtio-serial port connects to, with the manifest's ``max_api_calls_per_hour`` as its budget, and, for QEMU on a
+   host with vhost-vsock, the VM's vsock CID (defaults.VSOCK_CID_BASE + slot), which ctxgraph maps to the agent;
 5. its cgroup (cpu.max, memory.max = max_memory_mb + VMM overhead, pids.max; controllers the hierarchy lacks are
    reported, not fatal);
 6. the VMM: QEMU (root image packed once per install, config disk with env + secrets, QMP) or libkrun (launcher);
@@ -40,20 +41,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from cage import defaults, network, qemu
 from cage.agents import AgentNotFound, AgentStore, InstalledAgent, StoreError, check_name
 from cage.cgroup import CgroupError, Group, Hierarchy, Limits
 from cage.config import CageConfig
 from cage.health import HealthWatch
-from cage.manifest import Manifest, ManifestError, Restart, parse_bytes
-from cage.manifest import load as load_manifest
 from cage.network import Link, NetworkError, Pool, SlotMap
 from cage.policy import Policy
+from cage.terms import ManifestError, Restart
 from cage.vault import Vault
 from nullbox.backoff import Backoff
 from nullbox.wire import AsyncClient, ErrorCode, WireError
+
+if TYPE_CHECKING:  # pydantic's models load when an agent is applied or started, not at cage's start-up
+    from cage.manifest import Manifest
 
 log = logging.getLogger("cage")
 
@@ -263,6 +266,7 @@ class Run:
     started_wall: float = 0.0
     stop_requested: bool = False
     finished: bool = False
+    cid: int | None = None  # the VM's vsock CID, registered with ctxgraph (QEMU on a host with vhost-vsock)
     health: HealthWatch | None = None  # with capabilities.health_check
     unhealthy: str | None = None  # why the health check stopped this run
 
@@ -537,6 +541,9 @@ class Cage:
         self._hook("ctxgraph")
         name = run.agent
         calls = manifest.capabilities.max_api_calls_per_hour  # ctxgraph is the one appliance API a VM reaches
+        if (await self.backend())[0] == "qemu" and qemu.VHOST_VSOCK.exists():
+            run.cid = defaults.VSOCK_CID_BASE + run.slot  # ctxgraph maps connections from this CID to the agent
+        vsock = {} if run.cid is None else {"cid": run.cid}
         try:
             reply = await self._call(
                 "ctxgraph",
@@ -546,6 +553,7 @@ class Cage:
                 uid=run.uid,
                 gid=run.uid,
                 max_calls_per_hour=calls,
+                **vsock,
             )
         except WireError as exc:
             raise _refused("ctxgraph", name, exc) from None
@@ -687,6 +695,7 @@ class Cage:
             cpus=1,
             net=run.link.guest_net(),
             ctxgraph_socket=run.ctx_socket,
+            vsock_cid=run.cid,
             qmp_socket=run.directory / "qmp.sock",
             shares=tuple(shares),
             uid=run.uid,
@@ -1022,6 +1031,7 @@ class Cage:
             out["uptime_s"] = round(time.monotonic() - run.started_mono, 3)
             out["network"] = run.link.to_json()
             out["ctxgraph_socket"] = str(run.ctx_socket) if run.ctx_socket else None
+            out["vsock_cid"] = run.cid
             if run.health is not None:
                 out["health"] = run.health.health.to_json()
             if run.group is not None:
@@ -1074,6 +1084,9 @@ class Cage:
             raise WireError(ErrorCode.INVALID_REQUEST, "'apply' needs 'path' (an agent directory) or 'manifest'")
         target = name
         if target is None:
+            from cage.manifest import load as load_manifest  # noqa: PLC0415 (pydantic: see the imports)
+            from cage.manifest import parse_bytes  # noqa: PLC0415
+
             try:
                 if isinstance(source, bytes):
                     target = parse_bytes(source).agent.name

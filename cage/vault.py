@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from cage.manifest import ENV_NAME_RE, NAME_RE, RESERVED_ENV_PREFIXES
+from cage.terms import ENV_NAME_RE, NAME_RE, RESERVED_ENV_PREFIXES
 from nullbox import durable
 from nullbox.wire import ErrorCode, WireError
+
+if TYPE_CHECKING:  # cryptography is imported when a secret is first sealed or opened, not at cage's start-up
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 log = logging.getLogger("cage.vault")
 
@@ -450,6 +450,8 @@ class Vault:
     def _key(self, *, create: bool) -> AESGCM:
         with self._key_lock:
             if self._aead is None:
+                from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415 (see above)
+
                 self._aead = AESGCM(self._load_key(create=create))
             return self._aead
 
@@ -571,6 +573,8 @@ def _seal(aead: AESGCM, name: str, value: str, created_ns: int, updated_ns: int)
 
 
 def _unseal(aead: AESGCM, name: str, blob: bytes) -> str:
+    from cryptography.exceptions import InvalidTag  # noqa: PLC0415 (loaded with AESGCM, see the imports)
+
     _parse_header(blob, name)
     nonce = blob[_HEADER.size : HEADER_BYTES]
     try:

@@ -208,7 +208,8 @@ def _read_manifest(source: Path) -> tuple[bytes, str]:
 
 
 def _validate(raw: bytes, label: str) -> Any:
-    from cage.manifest import ManifestError, parse_bytes  # noqa: PLC0415 (pydantic: only when needed)
+    from cage.manifest import parse_bytes  # noqa: PLC0415 (pydantic: only when needed)
+    from cage.terms import ManifestError  # noqa: PLC0415
 
     try:
         return parse_bytes(raw, label)

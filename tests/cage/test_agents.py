@@ -23,7 +23,7 @@ from cage.agents import (
     StoreFailure,
     check_name,
 )
-from cage.manifest import ManifestError, digest
+from cage.terms import ManifestError, digest
 
 MANIFEST = """[agent]
 name = "{name}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 
 from cage import config, defaults
-from cage.manifest import Risk
+from cage.terms import Risk
 
 
 def test_a_missing_file_means_every_default(tmp_path: Path) -> None:
@@ -126,3 +128,15 @@ def test_unreadable_and_oversized_files(tmp_path: Path) -> None:
         config.load(path)
     with pytest.raises(config.ConfigError, match="cannot be read"):
         config.load(tmp_path)  # a directory
+
+
+def test_the_daemon_starts_without_pydantic_or_cryptography() -> None:
+    """cage serve's modules import neither: their import is 1-2 s of the appliance's boot under TCG, and nothing
+    before the first apply/start or secret needs them (cage.terms holds what the daemon uses of the manifest)."""
+    probe = (
+        "import sys, cage.__main__, cage.runtime, cage.server, cage.agents, cage.policy, cage.vault, cage.health\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('pydantic', 'cryptography'))}))\n"
+        "print('cage.manifest' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "False"], done.stdout

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cage import defaults, qemu
 from cage.config import CageConfig
 from cage.manifest import parse_bytes
 from cage.network import Pool, link_for
@@ -158,3 +161,31 @@ def test_step_ctxgraph_registers_the_budget(tmp_path: Path) -> None:
         assert run.ctx_socket == ctxgraph.agents_dir / "stepper.sock"
         with ctxgraph.client() as client:
             assert client.list_agents() == []
+
+
+@pytest.mark.parametrize("vhost_vsock", [False, True])
+def test_step_ctxgraph_registers_a_vsock_cid_only_where_vhost_vsock_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vhost_vsock: bool
+) -> None:
+    """With QEMU on a host that has /dev/vhost-vsock (not this one: a file stands in for the device node) the VM's
+    CID is registered, so ctxgraph maps the VM's vsock connections to the agent; without it, no CID."""
+    device = tmp_path / "vhost-vsock"
+    if vhost_vsock:
+        device.touch()
+    monkeypatch.setattr(qemu, "VHOST_VSOCK", device)
+    with ServerProcess(tmp_path / "cx") as ctxgraph:
+        places = {p: tmp_path / p for p in ("agents", "vault", "state", "run", "logs", "cgroup_root")}
+        config = CageConfig(backend="qemu")
+        cage = Cage(config, Paths(socket=tmp_path / "cage.sock", ctxgraph=ctxgraph.socket, **places))
+        run = Run("vsocker", 5, 60005, link_for("vsocker", Pool(config.pool), 5), tmp_path / "run")
+
+        async def step() -> dict[str, Any]:
+            await cage._step_ctxgraph(run, parse_bytes(manifest("vsocker").encode()))
+            with ctxgraph.client() as client:
+                (record,) = await asyncio.to_thread(client.list_agents)
+            await run.undo[-1][1]()
+            return record
+
+        record = asyncio.run(step())
+    expected = defaults.VSOCK_CID_BASE + 5 if vhost_vsock else None
+    assert run.cid == expected and record["cid"] == expected

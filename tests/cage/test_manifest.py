@@ -14,20 +14,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cage.manifest import (
-    MAX_MANIFEST_BYTES,
     SCHEMA_ID,
     Manifest,
-    ManifestError,
-    Restart,
-    Risk,
     data_path,
-    digest,
     load,
     manifest_schema,
     parse_bytes,
     parse_data,
     parse_text,
 )
+from cage.terms import MAX_MANIFEST_BYTES, ManifestError, Restart, Risk, digest
 from egress.names import AllowList
 
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cage.manifest import Risk, digest, parse_text
+from cage.manifest import parse_text
 from cage.policy import (
     DEFAULT_MAX_TOOL_RISK,
     RISK_ORDER,
@@ -22,6 +22,7 @@ from cage.policy import (
     parse_risk,
     rank,
 )
+from cage.terms import Risk, digest
 from nullbox.wire import ErrorCode, WireError
 
 SHA_A = "a" * 64

@@ -137,12 +137,17 @@ def test_virtio_serial_without_vhost_vsock(tmp_path: Path) -> None:
     assert "nullbox.ctx=serial" in option(argv, "-append")[0].split()
 
 
-def test_vhost_vsock_when_the_host_has_it(tmp_path: Path) -> None:
+def test_vhost_vsock_when_the_host_has_it_and_the_serial_port_still(tmp_path: Path) -> None:
     argv = qemu.qemu_argv(spec(tmp_path, vsock_cid=7), TCG, vsock_available=True)
     assert "vhost-vsock-device,guest-cid=7" in option(argv, "-device")
-    assert not any("virtserialport" in d for d in option(argv, "-device"))
-    assert not any(c.startswith("socket,id=ctx") for c in option(argv, "-chardev"))
+    # the virtio-serial port stays: a shell agent (busybox has no vsock client) still reaches ctxgraph
+    assert "virtserialport,chardev=ctx,name=org.nullbox.ctxgraph" in option(argv, "-device")
+    assert [c for c in option(argv, "-chardev") if c.startswith("socket,id=ctx")]
     assert "nullbox.ctx=vsock" in option(argv, "-append")[0].split()
+    # without a socket, vsock alone
+    alone = qemu.qemu_argv(spec(tmp_path, vsock_cid=7, ctxgraph_socket=None), TCG, vsock_available=True)
+    assert "vhost-vsock-device,guest-cid=7" in option(alone, "-device")
+    assert not any("virtserialport" in d for d in option(alone, "-device"))
     # without a CID the spec cannot use vsock, without a socket there is no channel at all
     assert qemu.ctx_channel(spec(tmp_path), vsock_available=True) == "serial"
     assert qemu.ctx_channel(spec(tmp_path, ctxgraph_socket=None), vsock_available=False) == "none"
