@@ -2,13 +2,16 @@
 
     /usr/lib/nullbox/guest/vmlinux      the guest kernel QEMU boots (cage.defaults.GUEST_KERNEL): the NullBox guest
                                         kernel's PVH vmlinux when it is built (make kernel), else Debian's; an ELF
-                                        one stripped of its symbols
+                                        one stripped of its symbols.  ``--kernel debian|nullbox`` (the appliance's
+                                        kernel) picks the agents' too: a Debian-kernel appliance runs its agents
+                                        on Debian's kernel, as it would without the NullBox kernels
     /usr/lib/nullbox/guest/initrd.img   cage's guest initramfs for that kernel (cage/guest/init, static busybox;
                                         modules only with Debian's kernel)
     /usr/share/nullbox/examples/demo/   the user guide's demo agent, ready to install on the appliance:
         AGENT.toml                      examples/agents/demo/AGENT.toml
         rootfs                          a SquashFS image: examples/agents/demo/rootfs/ plus static busybox and its
-                                        applets (the appliance cannot pack one: it has no mksquashfs)
+                                        applets and nb-vsock (ctxgraph over vsock for a shell agent); the appliance
+                                        cannot pack one: it has no mksquashfs
 
 Both come from cage.guestimage (``guest_files``, ``static_busybox``, ``pack_rootfs``), the same code the host's tests
 boot agents with.  The step's identity is which guest kernel that is and the SHA-256 of its image, so building the
@@ -34,9 +37,16 @@ DEMO: Final = "demo"
 ELF_MAGIC: Final = b"\x7fELF"
 
 
+def kernel_kind(ctx: Context) -> guestimage.KernelKind:
+    """The agents' kernel: the same family as the appliance's when one is asked for, else NullBox's when built."""
+    if ctx.kernel == "auto":
+        return guestimage.choose_kernel(ctx.out)
+    return guestimage.KernelKind(ctx.kernel)
+
+
 def identity(ctx: Context) -> str:
     """Which guest kernel the VMs get (NullBox's when built, else Debian's), and which build of it."""
-    kind = guestimage.choose_kernel(ctx.out)
+    kind = kernel_kind(ctx)
     kernel = guestimage.GuestKernel.from_build(ctx.out, kind)
     image = kernel.vmlinuz if kernel.vmlinuz.is_file() else None
     return json.dumps({"kind": str(kind), "release": kernel.version, "sha256": image and sha256_file(image)})
@@ -52,6 +62,8 @@ def demo_rootfs(ctx: Context, target: Path) -> Path:
         (tree / "bin").mkdir(exist_ok=True)
         (tree / "bin" / "busybox").write_bytes(busybox)
         (tree / "bin" / "busybox").chmod(0o755)
+        (tree / "bin" / "nb-vsock").write_bytes(guestimage.vsock_relay())
+        (tree / "bin" / "nb-vsock").chmod(0o755)
         for applet in sorted({a.strip("/") for a in applets} - {"", "bin/busybox"}):
             link = tree / applet
             if not link.exists():
@@ -66,7 +78,7 @@ def build(ctx: Context) -> None:
     tree = ctx.out / "rootfs"
     if not tree.is_dir():
         raise RuntimeError(f"guest: {tree} is missing (build the rootfs step first)")
-    kernel, initramfs = guestimage.guest_files(ctx.out, epoch=ctx.source_date_epoch)
+    kernel, initramfs = guestimage.guest_files(ctx.out, kernel_kind(ctx), epoch=ctx.source_date_epoch)
     guest = tree / GUEST_DIR
     if guest.exists():
         shutil.rmtree(guest)

@@ -192,6 +192,10 @@ def test_the_operators_journey(image: Path, boot_dir: Path, tmp_path: Path) -> N
         assert seen["agent"] == "demo"  # ctxgraph bound the write to the agent's own channel
         assert seen["value"].startswith("agent demo; kernel ") and "-nullbox-guest" in seen["value"], seen
         assert f"DEMO_TOKEN present, {len(SECRET)} characters" in seen["value"], seen  # granted, never echoed
+        # The appliance's kernel has vhost-vsock, so cage gave the VM a CID and ctxgraph took the demo's writes over
+        # vsock (nb-vsock in the demo's root; ctxgraph mapped the peer CID to the agent), not the serial port.
+        assert started["vsock_cid"] is not None, started
+        assert "ctxgraph over vsock" in seen["value"], seen
         logs = ctl.ok("agent", "logs", "demo")
         assert "demo: wrote demo/seen" in logs and SECRET not in logs
 

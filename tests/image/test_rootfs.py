@@ -113,7 +113,7 @@ def test_shipped_nulld_toml_is_valid() -> None:
     assert cage.argv == ["/usr/bin/python3", "-m", "cage", "serve"]
     assert set(cage.depends_on) == {"egress", "ctxgraph"}  # an agent's allow list and socket exist before its VM
     service = loaded.services["ctxgraph"]
-    assert service.argv == ["/usr/bin/python3", "-m", "ctxgraph", "serve"]
+    assert service.argv == ["/usr/bin/python3", "-m", "ctxgraph", "serve", "--vsock-port", "7000"]  # agents via vsock
     assert service.depends_on == ("egress",)  # the network policy is in force before anything agent-facing
     assert loaded.services["egress"].argv == ["/usr/bin/python3", "-m", "egress", "serve"]
     assert service.restart is config.Restart.ALWAYS
@@ -124,7 +124,8 @@ def test_shipped_init_is_a_python_program_that_runs_nulld() -> None:
     init = FILES / "usr/sbin/init"
     assert init.stat().st_mode & 0o111 == 0o111, "image/rootfs-files/usr/sbin/init must be executable"
     source = init.read_text()
-    assert source.startswith("#!/usr/bin/python3")
+    assert source.startswith("#!/usr/bin/python3 -IS\n")  # isolated, no site: dist-packages is added by hand
+    assert 'sys.path.append("/usr/lib/python3/dist-packages")' in source
     compile(source, str(init), "exec")
     assert "from nulld.__main__ import main" in source
 
