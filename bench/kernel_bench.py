@@ -6,12 +6,15 @@
 
 First ``python -m kernel.build appliance`` and ``python -m image.build`` run in the repository (no-ops when up to
 date), so build/ holds the NullBox appliance kernel, Debian's kernel (the kernel step always unpacks it) and the root
-image.  Then, in a temporary directory, the image build's last steps (bootkernel, initrd, iso) run twice from that
-same build/rootfs.squashfs, once with ``kernel = "debian"`` and once with ``kernel = "nullbox"``: two ISOs that
-differ only in the kernel and the initramfs (Debian's carries its 67 modules, the NullBox one none).  Their output
-goes to <tmp>/<kernel>/steps.log.
+image.  Then, in a temporary directory, the image build's last steps (guest, squashfs, bootkernel, initrd, iso) run
+twice from a hard-linked copy of the same build/rootfs tree, once with ``kernel = "debian"`` and once with
+``kernel = "nullbox"``: two appliances that differ only in their kernels, the one it boots (Debian's initramfs
+carries its ~70 modules, the NullBox one none) and the one its agents' VMs boot (in the root image: Debian's
+vmlinux and an initramfs with its virtio modules, or the NullBox guest kernel), which is what a Debian-kernel
+appliance ships.  Their output goes to <tmp>/<kernel>/steps.log.
 
-  (1) sizes: kernel image, initramfs, both together, the ISO; the NullBox ISO against the target (>= 8 MB smaller)
+  (1) sizes: kernel image, initramfs, both together, the agents' kernel + initramfs, the root image, the ISO; the
+      NullBox ISO against the target (>= 8 MB smaller), and how much of the saving is the boot kernel alone
   (2) boots: each ISO booted ``--boots`` times under TCG, alternating which kernel goes first, through
       bench.image_bench's own boot (qemu.runner's preparation and command line, SeaBIOS, grub, 2 vCPUs, 1024 MiB,
       a fresh data disk), each to every service ready and powered off.  Medians per kernel:
@@ -74,16 +77,9 @@ from nulld.syscalls import set_child_subreaper
 
 KERNELS: Final = ("debian", "nullbox")  # the baseline first
 NAMES: Final = {"debian": "Debian", "nullbox": "NullBox"}
-FROM_STEP: Final = "bootkernel"  # the image build's steps from here on depend on the kernel
-LINKED: Final = (
-    "kernel",
-    "kernel-nullbox",
-    "cache",
-    "rootfs.squashfs",
-    "rootfs.squashfs.sha256",
-    "rootfs.verity",
-    "rootfs.verity.json",
-)  # from build/
+FROM_STEP: Final = "guest"  # the image build's steps from here on depend on the kernels
+LINKED: Final = ("kernel", "kernel-nullbox", "cache")  # from build/; build/rootfs is copied (hard links)
+GUEST_FILES: Final = ("rootfs/usr/lib/nullbox/guest/vmlinux", "rootfs/usr/lib/nullbox/guest/initrd.img")
 TARGET_BOOT_RATIO: Final = 0.5  # NullBox kernel -> nulld at most half of Debian's
 TARGET_ISO_SAVING_MB: Final = 8.0
 KERNEL_BUILD_TIMEOUT_S: Final = 3600.0
@@ -142,10 +138,12 @@ def kernel_steps() -> list[Callable[[Context], None]]:
 
 
 def build_variant(kernel: str, out: Path) -> float:
-    """An ISO in ``out`` booting ``kernel``, from build/'s root image; the wall time of its steps."""
+    """An ISO in ``out`` booting ``kernel`` (its agents too), from build/'s root tree; the wall time of its steps."""
     out.mkdir(parents=True)
     for name in LINKED:
         (out / name).symlink_to(BUILD / name)
+    # the guest step replaces its files rather than writing into them, so hard links keep build/rootfs untouched
+    subprocess.run(["cp", "-al", str(BUILD / "rootfs"), str(out / "rootfs")], check=True)
     ctx = Context(repo=REPO, out=out, kernel=kernel)
     started = time.monotonic()
     try:
@@ -170,6 +168,8 @@ class Variant:
     iso: int
     modules: int  # .ko files in the initramfs
     build_s: float
+    guest: int  # the agents' kernel + initramfs in the root tree
+    squashfs: int
 
     @property
     def boot_files(self) -> int:
@@ -181,8 +181,11 @@ def measure_variant(kernel: str, out: Path, build_s: float) -> Variant:
     if record["kernel"] != kernel:
         raise RuntimeError(f"{out}: asked for the {kernel} kernel, the bootkernel step staged {record['kernel']}")
     modules = len(kernel_modules(tree)[0])  # what image.initrd put in the initramfs, resolved the same way
-    vmlinuz, initrd, iso = ((out / name).stat().st_size for name in ("boot/vmlinuz", "initrd.img", "nullbox.iso"))
-    return Variant(kernel, out, str(record["release"]), vmlinuz, initrd, iso, modules, build_s)
+    vmlinuz, initrd, iso, squashfs = (
+        (out / name).stat().st_size for name in ("boot/vmlinuz", "initrd.img", "nullbox.iso", "rootfs.squashfs")
+    )
+    guest = sum((out / name).stat().st_size for name in GUEST_FILES)
+    return Variant(kernel, out, str(record["release"]), vmlinuz, initrd, iso, modules, build_s, guest, squashfs)
 
 
 # ------------------------------------------------------------------------------------------------------- boots
@@ -261,11 +264,13 @@ def spread(runs: list[Run], metric: Callable[[Run], float]) -> str:
 
 def size_rows(report: Report, variants: dict[str, Variant]) -> None:
     debian, nullbox = variants["debian"], variants["nullbox"]
-    report.section("(1) sizes: the same root image and grub, each kernel with its initramfs")
+    report.section("(1) sizes: the same root tree and grub; each appliance with its kernels (boot and agents')")
     rows: list[tuple[str, Callable[[Variant], int]]] = [
         ("(1a) kernel image (/boot/vmlinuz)", lambda v: v.vmlinuz),
         ("(1b) initramfs (/boot/initrd.img)", lambda v: v.initrd),
         ("(1c) kernel + initramfs", lambda v: v.boot_files),
+        ("(1c') agents' kernel + initramfs (uncompressed)", lambda v: v.guest),
+        ("(1c'') root image (SquashFS, holds 1c')", lambda v: v.squashfs),
         ("(1d) ISO", lambda v: v.iso),
     ]
     for label, size in rows:
@@ -279,6 +284,12 @@ def size_rows(report: Report, variants: dict[str, Variant]) -> None:
         "MB",
         f"target >= {TARGET_ISO_SAVING_MB:g} MB",
         verdict(saving >= TARGET_ISO_SAVING_MB),
+    )
+    report.add(
+        "(1e') of which the boot kernel + initramfs",
+        f"{(debian.boot_files - nullbox.boot_files) / MB:.2f}",
+        "MB",
+        f"the agents' kernels in the root image: {(debian.squashfs - nullbox.squashfs) / MB:.2f} MB",
     )
     report.notes.append(
         f"(1) kernels: Debian {debian.release} with {debian.modules} modules in its initramfs, NullBox "
