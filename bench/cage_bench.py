@@ -77,7 +77,7 @@ from image.initrd import chardev, newc_archive, regular
 from nullbox.daemon import DaemonProcess
 from nullbox.kvm import QEMU
 from nullbox.wire import Client
-from tests.cage.agent_rootfs import build_agent_rootfs
+from tests.cage.agent_rootfs import build_agent_rootfs, manifest
 
 REPO: Final = Path(__file__).resolve().parents[1]
 PYTHON: Final = sys.executable
@@ -227,22 +227,11 @@ def parse_smaps(text: str, guest_kib: int) -> Memory:
 
 def agent_manifest(name: str, *, idle: bool, memory_mb: int = MEMORY_MB) -> str:
     """The benchmark agent's AGENT.toml: writes one entry under CTX_KEY, then exits, or idles with ``idle``."""
-    env = f'BENCH_KEY = "{CTX_KEY}"' + (', BENCH_IDLE = "1"' if idle else "")
-    return textwrap.dedent(
-        f"""\
-        [agent]
-        name = "{name}"
-        command = ["/agent/run"]
-        env = {{ {env} }}
-        restart = "never"
-
-        [capabilities]
-        max_cpu_percent = 100
-        max_memory_mb = {memory_mb}
-        credential_refs = []
-        network.allow = ["api.example.com"]
-        """
-    )
+    if idle:
+        return manifest(
+            name, allow=("api.example.com",), cpu_percent=100, memory_mb=memory_mb, BENCH_KEY=CTX_KEY, BENCH_IDLE="1"
+        )
+    return manifest(name, allow=("api.example.com",), cpu_percent=100, memory_mb=memory_mb, BENCH_KEY=CTX_KEY)
 
 
 def start_boottime_s(pid: int) -> float:

@@ -9,6 +9,8 @@ prints it on the console.  It exits 0 only when ctxgraph answered ``"ok":true`` 
 from __future__ import annotations
 
 import shutil
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -74,3 +76,34 @@ def agent_env(
     if write_as is not None:
         env["NULLBOX_TEST_AS"] = write_as
     return env
+
+
+def manifest(
+    name: str,
+    *,
+    restart: str = "never",
+    credentials: bool = False,
+    allow: Sequence[str] = ("api.example.com", "*.github.com:8443"),
+    cpu_percent: int = 50,
+    memory_mb: int = 128,
+    **env: str,
+) -> str:
+    """An AGENT.toml for the test agent (``/agent/run``; its behaviour is chosen by ``env``, see agent_env)."""
+    env_text = ", ".join(f'{k} = "{v}"' for k, v in env.items())
+    refs = '"TOKEN"' if credentials else ""
+    allowed = ", ".join(f'"{a}"' for a in allow)
+    return textwrap.dedent(
+        f"""\
+        [agent]
+        name = "{name}"
+        command = ["/agent/run"]
+        env = {{ {env_text} }}
+        restart = "{restart}"
+
+        [capabilities]
+        max_cpu_percent = {cpu_percent}
+        max_memory_mb = {memory_mb}
+        credential_refs = [{refs}]
+        network.allow = [{allowed}]
+        """
+    )

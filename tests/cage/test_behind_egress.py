@@ -43,8 +43,8 @@ from cage.guestimage import KernelKind
 from ctxgraph.process import ServerProcess
 from nullbox import kvm
 from nullbox.daemon import DaemonProcess
-from tests.cage.agent_rootfs import build_agent_rootfs
-from tests.cage.test_daemon import CageProcess, manifest, running
+from tests.cage.agent_rootfs import build_agent_rootfs, manifest
+from tests.cage.test_daemon import CageProcess, running
 from tests.egress.conftest import EgressProcess
 from tests.egress.topology import DNS_SERVER, UPLINK, WEB, Topology, served
 

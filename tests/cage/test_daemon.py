@@ -22,7 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from ctxgraph.process import ServerProcess
 from nullbox import kvm
 from nullbox.daemon import DaemonProcess
 from nullbox.wire import Client, WireError
-from tests.cage.agent_rootfs import build_agent_rootfs
+from tests.cage.agent_rootfs import build_agent_rootfs, manifest
 from tests.egress.conftest import EgressProcess, Netns
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -63,34 +63,6 @@ done
 echo "agent: exiting with ${STATUS:-0}"
 exit "${STATUS:-0}"
 """
-
-
-def manifest(
-    name: str,
-    *,
-    restart: str = "never",
-    credentials: bool = False,
-    allow: Sequence[str] = ("api.example.com", "*.github.com:8443"),
-    **env: str,
-) -> str:
-    env_text = ", ".join(f'{k} = "{v}"' for k, v in env.items())
-    refs = '"TOKEN"' if credentials else ""
-    allowed = ", ".join(f'"{a}"' for a in allow)
-    return textwrap.dedent(
-        f"""\
-        [agent]
-        name = "{name}"
-        command = ["/agent/run"]
-        env = {{ {env_text} }}
-        restart = "{restart}"
-
-        [capabilities]
-        max_cpu_percent = 50
-        max_memory_mb = 128
-        credential_refs = [{refs}]
-        network.allow = [{allowed}]
-        """
-    )
 
 
 class CageProcess(DaemonProcess):

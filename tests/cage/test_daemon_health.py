@@ -20,7 +20,8 @@ from cage.manifest import parse_bytes
 from cage.network import Pool, link_for
 from cage.runtime import Cage, Paths, Run
 from ctxgraph.process import ServerProcess
-from tests.cage.test_daemon import Appliance, appliance, guest_files, manifest
+from tests.cage.agent_rootfs import manifest
+from tests.cage.test_daemon import Appliance, appliance, guest_files
 
 __all__ = ["appliance", "guest_files"]  # the module-scoped fixtures, shared with test_daemon's definitions
 
