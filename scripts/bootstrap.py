@@ -48,6 +48,10 @@ APT_PACKAGES = [
     "bison",
     "libelf-dev",
     "xz-utils",
+    # static helpers compiled by the image build and cage (image/initramfs/nb-verity.c, cage/guest/nb-vsock.c): libc.a
+    # and the kernel's uapi headers (linux/dm-ioctl.h, linux/vm_sockets.h)
+    "libc6-dev",
+    "linux-libc-dev",
 ]
 
 
