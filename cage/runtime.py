@@ -386,6 +386,11 @@ class Cage:
                 log.info("backend %s: %s", *self._backend)
             return self._backend
 
+    async def _kvm(self) -> bool:
+        """Whether QEMU runs its VMs under KVM here: vhost's in-kernel datapath (vhost-vsock) relies on KVM's
+        ioeventfd/irqfd, so under TCG a VM gets the virtio-serial channel only."""
+        return (await asyncio.to_thread(qemu.detect_accel)).name == "kvm"
+
     def _choose_backend(self) -> tuple[str, str]:
         kind = self.config.backend
         if kind == "qemu":
@@ -541,7 +546,7 @@ class Cage:
         self._hook("ctxgraph")
         name = run.agent
         calls = manifest.capabilities.max_api_calls_per_hour  # ctxgraph is the one appliance API a VM reaches
-        if (await self.backend())[0] == "qemu" and qemu.VHOST_VSOCK.exists():
+        if (await self.backend())[0] == "qemu" and qemu.VHOST_VSOCK.exists() and await self._kvm():
             run.cid = defaults.VSOCK_CID_BASE + run.slot  # ctxgraph maps connections from this CID to the agent
         vsock = {} if run.cid is None else {"cid": run.cid}
         try:

@@ -20,6 +20,7 @@ from cage.manifest import parse_bytes
 from cage.network import Pool, link_for
 from cage.runtime import Cage, Paths, Run
 from ctxgraph.process import ServerProcess
+from nullbox.kvm import Accel
 from tests.cage.agent_rootfs import manifest
 from tests.cage.test_daemon import Appliance, appliance, guest_files
 
@@ -164,16 +165,18 @@ def test_step_ctxgraph_registers_the_budget(tmp_path: Path) -> None:
             assert client.list_agents() == []
 
 
-@pytest.mark.parametrize("vhost_vsock", [False, True])
-def test_step_ctxgraph_registers_a_vsock_cid_only_where_vhost_vsock_exists(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vhost_vsock: bool
+@pytest.mark.parametrize(("vhost_vsock", "accel"), [(False, "kvm"), (True, "kvm"), (True, "tcg")])
+def test_step_ctxgraph_registers_a_vsock_cid_only_where_vhost_vsock_can_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vhost_vsock: bool, accel: str
 ) -> None:
-    """With QEMU on a host that has /dev/vhost-vsock (not this one: a file stands in for the device node) the VM's
-    CID is registered, so ctxgraph maps the VM's vsock connections to the agent; without it, no CID."""
+    """With QEMU under KVM on a host that has /dev/vhost-vsock (not this one: a file stands in for the device node,
+    and the accelerator probe's answer is given) the VM's CID is registered, so ctxgraph maps the VM's vsock
+    connections to the agent; without vhost-vsock, or under TCG (vhost needs KVM's ioeventfd/irqfd), no CID."""
     device = tmp_path / "vhost-vsock"
     if vhost_vsock:
         device.touch()
     monkeypatch.setattr(qemu, "VHOST_VSOCK", device)
+    monkeypatch.setattr(qemu, "detect_accel", lambda: Accel(accel, ("given by the test",)))
     with ServerProcess(tmp_path / "cx") as ctxgraph:
         places = {p: tmp_path / p for p in ("agents", "vault", "state", "run", "logs", "cgroup_root")}
         config = CageConfig(backend="qemu")
@@ -188,5 +191,5 @@ def test_step_ctxgraph_registers_a_vsock_cid_only_where_vhost_vsock_exists(
             return record
 
         record = asyncio.run(step())
-    expected = defaults.VSOCK_CID_BASE + 5 if vhost_vsock else None
+    expected = defaults.VSOCK_CID_BASE + 5 if vhost_vsock and accel == "kvm" else None
     assert run.cid == expected and record["cid"] == expected
