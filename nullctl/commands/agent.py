@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 from nullctl.cli import Parser, Session, command, describe, group, int_range
 from nullctl.commands import follow
 from nullctl.errors import Failed, UsageError
-from nullctl.output import Cell, Output, ago_iso, duration, get, text
+from nullctl.output import Cell, Output, ago_iso, ago_ns, duration, get, text
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -293,6 +293,16 @@ def list_agents(args: argparse.Namespace, s: Session) -> int:
     return 0
 
 
+def _approved_ago(approval: dict[str, object]) -> str:
+    """When the approval was made: from its nanoseconds when cage sends them (``approved_at`` is cut to whole
+    seconds, which would make an approval made a moment ago read "1 s ago")."""
+    approved_ns = approval.get("approved_ns")
+    if isinstance(approved_ns, int) and not isinstance(approved_ns, bool):
+        return ago_ns(approved_ns)
+    stamp = approval.get("approved_at")
+    return ago_iso(stamp if isinstance(stamp, str) else None)
+
+
 def _status_fields(out: Output, status: dict[str, Any]) -> list[tuple[str, Cell]]:
     pairs: list[tuple[str, Cell]] = [("state", out.state(status["state"]))]
     if status.get("error"):
@@ -389,7 +399,7 @@ def show_agent(args: argparse.Namespace, s: Session) -> int:
             pairs.append(
                 (
                     "approval",
-                    (f"approved {ago_iso(approval.get('approved_at'))}", "green")  # type: ignore[union-attr]
+                    (f"approved {_approved_ago(approval)}", "green")  # type: ignore[arg-type]
                     if approved
                     else (f"needed: nullctl agent approve {agent['name']}", "yellow"),
                 )
