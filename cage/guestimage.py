@@ -52,6 +52,7 @@ from image.initrd import (
     Entry,
     ModuleTree,
     chardev,
+    compile_static,
     compress,
     directory,
     elf_section,
@@ -231,14 +232,7 @@ VSOCK_RELAY: Final = Path(__file__).resolve().parent / "guest" / "nb-vsock.c"
 def vsock_relay() -> bytes:
     """nb-vsock (cage/guest/nb-vsock.c) compiled static: what a shell agent's root needs to reach ctxgraph over
     vsock (busybox's nc has no AF_VSOCK).  The demo agent in the image carries it."""
-    with tempfile.TemporaryDirectory(prefix="nb-vsock-") as scratch:
-        binary = Path(scratch) / "nb-vsock"
-        argv = ["gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(VSOCK_RELAY)]
-        subprocess.run(argv, check=True)
-        data = binary.read_bytes()
-    if not is_static_elf(data):
-        raise RuntimeError(f"{VSOCK_RELAY} did not compile to a static executable")
-    return data
+    return compile_static(VSOCK_RELAY)
 
 
 def initramfs_entries(

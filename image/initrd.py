@@ -21,7 +21,7 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
@@ -400,14 +400,19 @@ def root_verity(build: Path) -> Verity:
     return verity
 
 
-def compile_verity_helper(ctx: Context) -> bytes:
-    """nb-verity, static (the initramfs has no libraries), stripped; compiled into a scratch directory."""
-    with tempfile.TemporaryDirectory(dir=ctx.out, prefix=".nb-verity-") as scratch:
-        binary = Path(scratch) / "nb-verity"
-        ctx.run([*CC, "-o", str(binary), str(ctx.repo / VERITY_HELPER)])
+def _check_call(argv: list[str]) -> None:
+    subprocess.run(argv, check=True)
+
+
+def compile_static(source: Path, run: Callable[[list[str]], None] = _check_call) -> bytes:
+    """The one C file ``source`` as a static, stripped executable (initramfs and agent roots have no libraries),
+    compiled in a scratch directory with ``run`` (the image build passes its logging Context.run)."""
+    with tempfile.TemporaryDirectory(prefix=f".{source.stem}-") as scratch:
+        binary = Path(scratch) / source.stem
+        run([*CC, "-o", str(binary), str(source)])
         data = binary.read_bytes()
     if not is_static_elf(data):
-        raise RuntimeError(f"{VERITY_HELPER} did not compile to a static executable")
+        raise RuntimeError(f"{source} did not compile to a static executable")
     return data
 
 
@@ -432,7 +437,7 @@ def build(ctx: Context) -> None:
         f"({sum(len(m[2]) for m in modules) // 1024} KiB), busybox "
         f"{len(busybox) // 1024} KiB, {len(applets)} applets, root hash {verity.root_hash[:16]}..."
     )
-    helper = compile_verity_helper(ctx)
+    helper = compile_static(ctx.repo / VERITY_HELPER, ctx.run)
     inputs = Inputs(
         init=(ctx.repo / INIT_SCRIPT).read_bytes(),
         busybox=busybox,

@@ -137,8 +137,6 @@ def _test_initramfs(tmp_path: Path, table: Verity) -> Path:
     busybox = Path("/bin/busybox")
     if not busybox.is_file() or not initrd.is_static_elf(busybox.read_bytes()):
         pytest.skip("busybox-static is not installed")
-    helper = tmp_path / "nb-verity"
-    subprocess.run([*initrd.CC, "-o", str(helper), str(REPO / initrd.VERITY_HELPER)], check=True)
     applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
     inputs = initrd.Inputs(
         init=TEST_INIT.encode(),
@@ -147,7 +145,7 @@ def _test_initramfs(tmp_path: Path, table: Verity) -> Path:
         kernel_version="none",
         modules=[],
         verity=table,
-        nb_verity=helper.read_bytes(),
+        nb_verity=initrd.compile_static(REPO / initrd.VERITY_HELPER),
     )
     entries = [*initrd.entries(inputs), initrd.regular("lib/nullbox-init", INIT.read_bytes(), 0o644)]
     path = tmp_path / "initrd.cpio"
