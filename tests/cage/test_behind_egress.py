@@ -38,10 +38,8 @@ from typing import Final
 
 import pytest
 
-from cage import guestimage, network
-from cage.guestimage import KernelKind
+from cage import network
 from ctxgraph.process import ServerProcess
-from nullbox import kvm
 from nullbox.daemon import DaemonProcess
 from tests.cage.agent_rootfs import build_agent_rootfs, manifest
 from tests.cage.test_daemon import CageProcess, running
@@ -130,15 +128,6 @@ def remove_cgroup_tree(tag: str, mountpoint: Path) -> None:
         check=False,
         timeout=30,
     )
-
-
-@pytest.fixture(scope="module")
-def guest_files() -> tuple[Path, Path]:
-    """(kernel, initramfs) for the QEMU backend: the NullBox guest kernel (kernel.build's cached build)."""
-    if shutil.which(kvm.QEMU) is None or shutil.which("mksquashfs") is None:
-        pytest.skip(f"{kvm.QEMU} or mksquashfs is not installed")
-    subprocess.run([PYTHON, "-m", "kernel.build", "guest"], cwd=REPO, check=True, timeout=3600)
-    return guestimage.guest_files(kernel=KernelKind.NULLBOX)
 
 
 class Run:

@@ -32,7 +32,6 @@ import pytest
 from cage import guestimage, network
 from cage.guestimage import KernelKind
 from ctxgraph.process import ServerProcess
-from nullbox import kvm
 from nullbox.daemon import DaemonProcess
 from nullbox.wire import Client, WireError
 from tests.cage.agent_rootfs import build_agent_rootfs, manifest
@@ -171,15 +170,6 @@ class Appliance:
     def log_lines(self, agent: str) -> list[str]:
         lines: list[str] = self.cage.call("logs", agent=agent, lines=10000)["lines"]
         return lines
-
-
-@pytest.fixture(scope="module")
-def guest_files() -> tuple[Path, Path]:
-    """(kernel, initramfs) for the QEMU backend: the NullBox guest kernel (kernel.build's cached build)."""
-    if shutil.which(kvm.QEMU) is None or shutil.which("mksquashfs") is None:
-        pytest.skip(f"{kvm.QEMU} or mksquashfs is not installed")
-    subprocess.run([PYTHON, "-m", "kernel.build", "guest"], cwd=REPO, check=True, timeout=3600)
-    return guestimage.guest_files(kernel=KernelKind.NULLBOX)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from cage.runtime import Cage, Paths, Run
 from ctxgraph.process import ServerProcess
 from nullbox.kvm import Accel
 from tests.cage.agent_rootfs import manifest
-from tests.cage.test_daemon import Appliance, appliance, guest_files
+from tests.cage.test_daemon import Appliance, appliance
 
-__all__ = ["appliance", "guest_files"]  # the module-scoped fixtures, shared with test_daemon's definitions
+__all__ = ["appliance"]  # the module-scoped fixture, shared with test_daemon's definition
 
 HEALTH_SCRIPT = """#!/bin/sh
 # Serve /www over HTTP on 8080; with SERVE_S, stop answering after that many seconds (the VM keeps running).

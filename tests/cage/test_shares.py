@@ -29,7 +29,7 @@ from image.initrd import ModuleTree
 from kernel import build as kernel_build
 from nullbox import kvm
 from tests.cage.agent_rootfs import build_agent_rootfs
-from tests.cage.test_daemon import Appliance, appliance, guest_files  # noqa: F401 (fixtures)
+from tests.cage.test_daemon import Appliance, appliance  # noqa: F401 (the fixture)
 from tests.cage.test_libkrun import Recorder, launch, recorder  # noqa: F401 (fixture)
 from tests.cage.test_qemu import process_ids
 
