@@ -56,7 +56,7 @@ from nullbox.backoff import Backoff
 from nullbox.wire import AsyncClient, ErrorCode, WireError
 
 if TYPE_CHECKING:  # pydantic's models load when an agent is applied or started, not at cage's start-up
-    from cage.manifest import Manifest
+    from cage.manifest import HealthCheck, Manifest
 
 log = logging.getLogger("cage")
 
@@ -491,7 +491,7 @@ class Cage:
         rt.state = "running"
         rt.console.note(f"agent {name} started ({run.backend}, pid {run.proc.pid if run.proc else '?'})")
         log.info("agent %s running (%s, pid %s)", name, run.backend, run.proc.pid if run.proc else "?")
-        rt.monitor = asyncio.ensure_future(self._monitor(rt, run))
+        rt.monitor = asyncio.ensure_future(self._monitor(rt, run, manifest.capabilities.health_check))
 
     async def _preflight(self, installed: InstalledAgent) -> tuple[Manifest, dict[str, str]]:
         """Step 1: manifest, policy, credentials.  Nothing to undo."""
@@ -779,14 +779,13 @@ class Cage:
 
     # --- monitor, restart ---------------------------------------------------------------------------------------
 
-    async def _monitor(self, rt: AgentRuntime, run: Run) -> None:
+    async def _monitor(self, rt: AgentRuntime, run: Run, check: HealthCheck | None) -> None:
+        """Wait for the VMM's exit; meanwhile probe the agent with the health check of the manifest it started with."""
         assert run.exited is not None
-        with contextlib.suppress(WireError, ManifestError):
-            check = self.installed(run.agent).require().capabilities.health_check
-            if check is not None:
-                on_unhealthy = functools.partial(self._background_unhealthy, rt, run)
-                run.health = HealthWatch(check, str(run.link.guest.ip), on_unhealthy)
-                run.health.start()
+        if check is not None:
+            on_unhealthy = functools.partial(self._background_unhealthy, rt, run)
+            run.health = HealthWatch(check, str(run.link.guest.ip), on_unhealthy)
+            run.health.start()
         await asyncio.shield(run.exited)
         async with rt.lock:
             if run.finished:
