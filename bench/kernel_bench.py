@@ -71,6 +71,7 @@ from cage.guestimage import KernelKind
 from image.bootkernel import staged
 from image.build import STEPS
 from image.context import Context
+from image.guest import GUEST_DIR
 from image.initrd import kernel_modules
 from image.kernel import sha256_file
 from nulld.syscalls import set_child_subreaper
@@ -79,7 +80,7 @@ KERNELS: Final = ("debian", "nullbox")  # the baseline first
 NAMES: Final = {"debian": "Debian", "nullbox": "NullBox"}
 FROM_STEP: Final = "guest"  # the image build's steps from here on depend on the kernels
 LINKED: Final = ("kernel", "kernel-nullbox", "cache")  # from build/; build/rootfs is copied (hard links)
-GUEST_FILES: Final = ("rootfs/usr/lib/nullbox/guest/vmlinux", "rootfs/usr/lib/nullbox/guest/initrd.img")
+GUEST_FILES: Final = tuple(f"rootfs/{GUEST_DIR}/{name}" for name in ("vmlinux", "initrd.img"))  # image.guest's
 TARGET_BOOT_RATIO: Final = 0.5  # NullBox kernel -> nulld at most half of Debian's
 TARGET_ISO_SAVING_MB: Final = 8.0
 KERNEL_BUILD_TIMEOUT_S: Final = 3600.0
