@@ -14,17 +14,18 @@ Two guest kernels, chosen by :class:`KernelKind` (every function below takes ``k
   load the uncompressed ELF vmlinux through its PVH entry point instead (microvm supports it).  NULLBOX: kernel.build
   leaves that vmlinux next to the bzImage.  DEBIAN: the XZ payload is extracted once into
   build/cage/vmlinux-<digest>.  Either falls back to the bzImage when there is no PVH vmlinux.
-- ``build_initramfs()``: cage/guest/init + the host's static busybox (every applet a symlink) + for DEBIAN the few
-  modules the guest needs (none for NULLBOX), as a newc cpio made by image.initrd's writer (same ordering, owners
-  and mtimes, so the same inputs give the same bytes), compressed as that kernel's .config allows (zstd with
-  CONFIG_RD_ZSTD, else gzip).  Cached under build/cage/ as guest-initrd-<kind>-<digest>.img, the digest covering
-  the archive, the kernel release and the compression: a rebuild with unchanged inputs only re-reads a few MB.
+- ``build_initramfs()``: cage/guest/init.c compiled static (``guest_init``) + for DEBIAN the few modules the guest
+  needs (none for NULLBOX), as an uncompressed newc cpio made by image.initrd's writer (same ordering, owners and
+  mtimes, so the same inputs give the same bytes).  Uncompressed because it is small (the init is the only program)
+  and the kernel unpacks it before /init runs: under TCG a zstd initramfs cost about 0.1 s of every agent's start;
+  on the appliance it lies in the compressed root image anyway.  Cached under build/cage/ as
+  guest-initrd-<kind>-<digest>.img, the digest covering the archive and the kernel release.
 - ``guest_files()``: both of the above, what a QemuVM (and the appliance's /usr/lib/nullbox/guest/) needs.
-- ``static_busybox()``: the host's static busybox and its applet paths (the initramfs's, and agent roots' shell).
+- ``static_busybox()``: the host's static busybox and its applet paths (agent roots' shell: tests, the demo).
 - ``pack_rootfs()``: an agent's rootfs directory -> a SquashFS image (the guest mounts it read-only under a tmpfs
   overlay; an ext4 image works too).
 
-Guest modules, DEBIAN only (see cage/guest/init for when each list is loaded; a kernel without module support, such
+Guest modules, DEBIAN only (see cage/guest/init.c for when each list is loaded; a kernel without module support, such
 as NULLBOX, has them built in: kernel/guest.config, checked against these lists by tests/kernel):
   nullbox.load        virtio-mmio (microvm's transport), virtio-blk, virtio-console (virtio-serial), virtio-net,
                       squashfs, overlayfs; the ACPI button and evdev (the power button: a polite stop)
@@ -36,12 +37,11 @@ as NULLBOX, has them built in: kernel/guest.config, checked against these lists 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import lzma
 import struct
 import subprocess
-import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -53,15 +53,12 @@ from image.initrd import (
     ModuleTree,
     chardev,
     compile_static,
-    compress,
     directory,
     elf_section,
     is_static_elf,
-    kernel_compression,
     load_order,
     newc_archive,
     regular,
-    symlink,
 )
 from kernel import build as kernel_build
 
@@ -80,7 +77,7 @@ MODULE_LISTS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
         ("virtio_net", True),
         ("squashfs", True),
         ("overlay", True),
-        # the ACPI power button (QMP system_powerdown: cage's polite stop) as an input event for busybox acpid
+        # the ACPI power button (QMP system_powerdown: cage's polite stop) as an input event for the guest init
         ("button", False),
         ("evdev", False),
     ),
@@ -235,23 +232,27 @@ def vsock_relay() -> bytes:
     return compile_static(VSOCK_RELAY)
 
 
-def initramfs_entries(
-    init: bytes, busybox: bytes, applets: Sequence[str], version: str, tree: ModuleTree | None
-) -> list[Entry]:
-    """The guest initramfs: /init, busybox and its applets, device nodes the kernel needs before devtmpfs, and,
-    given a module tree, the modules of MODULE_LISTS and SHARE_MODULES with one load list each (``need PATH`` /
-    ``want PATH``, dependencies first).  Without one (a kernel with everything built in) there is no /lib/modules
-    at all."""
+GUEST_INIT: Final = GUEST_DIR / "init.c"
+
+
+@functools.cache
+def guest_init() -> bytes:
+    """cage/guest/init.c compiled static: the guest initramfs's /init (once per process)."""
+    return compile_static(GUEST_INIT)
+
+
+def initramfs_entries(init: bytes, version: str, tree: ModuleTree | None) -> list[Entry]:
+    """The guest initramfs: /init, the directories and device nodes it needs before devtmpfs, and, given a module
+    tree, the modules of MODULE_LISTS and SHARE_MODULES with one load list each (``need PATH`` / ``want PATH``,
+    dependencies first).  Without one (a kernel with everything built in) there is no /lib/modules at all."""
     out = [
         regular("init", init, 0o755),
-        regular("bin/busybox", busybox, 0o755),
         chardev("dev/console", 5, 1),
         chardev("dev/null", 1, 3, 0o666),
-        *(directory(d) for d in ("proc", "sys", "run", "tmp", "lower", "overlay", "newroot", "sbin", "usr/bin")),
+        *(directory(d) for d in ("proc", "sys", "lower", "overlay", "newroot")),
     ]
     if tree is not None:
         out += _module_entries(f"lib/modules/{version}", tree)
-    out += [symlink(a, "/bin/busybox") for a in sorted({a.strip("/") for a in applets} - {"", "bin/busybox"})]
     return out
 
 
@@ -274,29 +275,24 @@ def build_initramfs(build: Path = BUILD, kernel: KernelKind | None = None, *, ep
     """build/cage/guest-initrd-<kind>-<digest>.img for that kernel, built when missing; returns its path."""
     guest = GuestKernel.from_build(build, kernel)
     ctx = Context(repo=REPO, out=build) if epoch is None else Context(repo=REPO, out=build, source_date_epoch=epoch)
-    busybox, applets = static_busybox()
     tree = None if guest.modules is None else ModuleTree.scan(guest.modules)
-    entries = initramfs_entries((GUEST_DIR / "init").read_bytes(), busybox, applets, guest.version, tree)
-    archive = newc_archive(entries, ctx.source_date_epoch)
-    method = kernel_compression(guest.config)
-    digest = hashlib.sha256(f"{guest.kind} {guest.version} {method}\n".encode() + archive).hexdigest()[:16]
+    archive = newc_archive(initramfs_entries(guest_init(), guest.version, tree), ctx.source_date_epoch)
+    digest = hashlib.sha256(f"{guest.kind} {guest.version}\n".encode() + archive).hexdigest()[:16]
     out = build / CACHE_DIR
     prefix = f"guest-initrd-{guest.kind}-"
     target = out / f"{prefix}{digest}.img"
     if target.is_file():
         return target
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".initrd-") as scratch:
-        partial = Path(scratch) / target.name
-        partial.write_bytes(compress(archive, method, ctx, Path(scratch)))
-        partial.replace(target)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_bytes(archive)
+    partial.replace(target)
     others = tuple(f"guest-initrd-{kind}-" for kind in KernelKind if kind is not guest.kind)
     for stale in out.glob("guest-initrd-*.img"):
         if stale != target and not stale.name.startswith(others):  # another kernel's initramfs stays
             stale.unlink(missing_ok=True)
     ctx.log(
-        f"cage: guest initramfs {target.name} ({guest.kind} {guest.version}): {len(archive) // 1024} KiB cpio -> "
-        f"{target.stat().st_size // 1024} KiB"
+        f"cage: guest initramfs {target.name} ({guest.kind} {guest.version}): {len(archive) // 1024} KiB, uncompressed"
     )
     return target
 

@@ -10,17 +10,16 @@ What the VM gets (``qemu_argv``; a plain argv list, never a shell string):
   ``-accel tcg -cpu max`` (a PVM /dev/kvm hangs an ordinary kernel) and the host's TSC frequency on the kernel
   command line (see host_tsc_khz: without it a TCG guest on a busy host sometimes hangs calibrating its TSC).
 - The guest kernel and initramfs (cage/guestimage.py: the NullBox guest kernel when it is built, else Debian's;
-  cage/guest/init), with a kernel command line that carries only what is not secret: console, the agent's name, its
+  cage/guest/init.c), with a kernel command line that carries only what is not secret: console, the agent's name, its
   network configuration and how it reaches ctxgraph.
 - Disks, virtio-blk on virtio-mmio, both read-only and named by serial: ``nullbox-root`` (the agent's root image)
   and ``nullbox-config``, the per-boot config disk (``write_config_disk``): the agent's command, working directory
   and environment, secrets included.  Secrets never appear in QEMU's argv or the guest's kernel command line:
-  both are world-readable (/proc/<pid>/cmdline on the host, /proc/cmdline in the guest).  The disk is one POSIX sh
-  fragment (every value single-quoted by shlex.quote; no NUL anywhere) padded with NULs to whole sectors (64 KiB at
-  least); the guest
-  strips the NULs into a 0700 tmpfs outside the agent's root and sources it.  The host file is created 0600 and
-  ``Vm.start`` unlinks it as soon as QEMU has opened it (QMP answering means every drive is open), so it exists on
-  the host only while a VM starts.
+  both are world-readable (/proc/<pid>/cmdline on the host, /proc/cmdline in the guest).  The disk is a header
+  line and NUL-terminated records (``config_bytes``; nothing quoted, nothing the guest evaluates) padded with NULs
+  to whole sectors (64 KiB at least); the guest init reads it into its own memory, never a file.  The host file is
+  created 0600 and ``Vm.start`` unlinks it as soon as QEMU has opened it (QMP answering means every drive is open),
+  so it exists on the host only while a VM starts.
 - Network: the TAP the cage daemon made (``-netdev tap,ifname=...,script=no,downscript=no``) as virtio-net.
 - ctxgraph: vhost-vsock (guest CID from the spec; the guest dials host CID 2 port 7000, which ctxgraph maps to the
   agent registered with that CID) when /dev/vhost-vsock exists, and always (so that an agent with no vsock client,
@@ -33,7 +32,7 @@ What the VM gets (``qemu_argv``; a plain argv list, never a shell string):
 - QMP on a unix socket (stop, pause, quit).
 - Shares (``capabilities.filesystem``): one virtio-9p-device per share (``-fsdev local,security_model=none``,
   ``readonly=on`` for read shares, so QEMU itself refuses writes), tags ``data0``, ``data1``...; the config disk
-  lists them (``NB_SHARES``) and the guest init mounts each at its path before the agent starts (cage.shares).
+  lists them (``share`` records) and the guest init mounts each at its path before the agent starts (cage.shares).
 
 Running as the agent (``QemuVM.uid`` set; cage always sets it, tests and benchmarks may leave it None and run QEMU as
 themselves): QEMU is exec'ed with the agent's uid and gid (real, effective and saved) and no supplementary groups,
@@ -62,7 +61,6 @@ import functools
 import json
 import os
 import re
-import shlex
 import socket
 import stat
 import struct
@@ -82,7 +80,7 @@ CTX_VSOCK_PORT: Final = 7000
 CTX_RECONNECT_S: Final = 1
 ROOT_SERIAL: Final = "nullbox-root"
 CONFIG_SERIAL: Final = "nullbox-config"
-CONFIG_HEADER: Final = "# nullbox-config 1\n"
+CONFIG_HEADER: Final = b"nullbox-config 2\n"
 SECTOR: Final = 512
 MIN_CONFIG_BYTES: Final = 64 << 10  # the kernel's partition scan reads a few sectors; keep them all there
 MAX_CONFIG_BYTES: Final = 1 << 20
@@ -159,7 +157,7 @@ class GuestShare:
             raise ValueError(f"the share host path {self.host_path} must be absolute, without '..'")
 
     def config_word(self) -> str:
-        """``tag:ro|rw:path``, one word of the config disk's NB_SHARES (see cage/guest/init)."""
+        """``tag:ro|rw:path``, the config disk's ``share`` record (see cage/guest/init.c)."""
         return f"{self.tag}:{'ro' if self.read_only else 'rw'}:{self.guest_path}"
 
 
@@ -213,28 +211,30 @@ class QemuVM:
 # ------------------------------------------------------------------------------------------------ config disk
 
 
-def config_text(
+def config_bytes(
     command: Sequence[str], env: Mapping[str, str], workdir: str = "/", shares: Sequence[GuestShare] = ()
-) -> str:
-    """The config disk's sh fragment: the environment, the working directory, the shares (``NB_SHARES``: words
-    ``tag:ro|rw:path`` in mount order, parents first), then ``set --`` the command."""
+) -> bytes:
+    """The config disk's contents before padding: the header line, then one NUL-terminated record per value (``env
+    NAME=VALUE``, ``workdir PATH``, ``share TAG:ro|rw:PATH`` in mount order, parents first, ``arg WORD`` in order)
+    and an empty record that ends them (cage/guest/init.c reads it; nothing is quoted, so any byte but NUL goes
+    through as it is)."""
     if not command or not all(isinstance(a, str) and a for a in command):
         raise ValueError("the agent command must be a non-empty list of non-empty strings")
-    if not workdir.startswith("/"):
-        raise ValueError(f"the working directory must be absolute, not {workdir!r}")
+    if not GUEST_PATH.fullmatch(workdir):
+        raise ValueError(f"the working directory must be an absolute, normalised path, not {workdir!r}")
     for name, value in env.items():
-        if not ENV_NAME.fullmatch(name) or name.startswith(("NB_", "nb_")):
+        if not ENV_NAME.fullmatch(name):
             raise ValueError(f"bad environment variable name {name!r}")
         if not isinstance(value, str) or "\0" in value:
             raise ValueError(f"environment variable {name} must be a string without NUL bytes")
-    if any("\0" in a for a in (*command, workdir)):
-        raise ValueError("the agent command and working directory must not contain NUL bytes")
-    lines = [f"export {name}={shlex.quote(value)}\n" for name, value in sorted(env.items())]
-    lines.append(f"NB_WORKDIR={shlex.quote(workdir)}\n")
+    if any("\0" in a for a in command):
+        raise ValueError("the agent command must not contain NUL bytes")
+    records = [f"env {name}={value}" for name, value in sorted(env.items())]
+    records.append(f"workdir {workdir}")
     ordered = sorted(shares, key=lambda s: s.guest_path.split("/"))  # a parent before anything mounted inside it
-    lines.append(f"NB_SHARES={shlex.quote(' '.join(s.config_word() for s in ordered))}\n")
-    lines.append("set -- " + " ".join(shlex.quote(a) for a in command) + "\n")
-    return CONFIG_HEADER + "".join(lines)
+    records += [f"share {s.config_word()}" for s in ordered]
+    records += [f"arg {a}" for a in command]
+    return CONFIG_HEADER + b"".join(r.encode() + b"\0" for r in records) + b"\0"
 
 
 def write_config_disk(
@@ -245,7 +245,7 @@ def write_config_disk(
     shares: Sequence[GuestShare] = (),
 ) -> Path:
     """The config disk image at ``path``: created 0600 (an existing file is replaced, a symlink never followed)."""
-    data = config_text(command, env, workdir, shares).encode()
+    data = config_bytes(command, env, workdir, shares)
     image = data + b"\0" * max(MIN_CONFIG_BYTES - len(data), -len(data) % SECTOR)
     if len(image) > MAX_CONFIG_BYTES:
         raise ValueError(f"the config disk would be {len(image)} bytes (at most {MAX_CONFIG_BYTES})")

@@ -5,8 +5,8 @@
                                         one stripped of its symbols.  ``--kernel debian|nullbox`` (the appliance's
                                         kernel) picks the agents' too: a Debian-kernel appliance runs its agents
                                         on Debian's kernel, as it would without the NullBox kernels
-    /usr/lib/nullbox/guest/initrd.img   cage's guest initramfs for that kernel (cage/guest/init, static busybox;
-                                        modules only with Debian's kernel)
+    /usr/lib/nullbox/guest/initrd.img   cage's guest initramfs for that kernel (cage/guest/init.c compiled
+                                        static; modules only with Debian's kernel)
     /usr/share/nullbox/examples/demo/   the user guide's demo agent, ready to install on the appliance:
         AGENT.toml                      examples/agents/demo/AGENT.toml
         rootfs                          a SquashFS image: examples/agents/demo/rootfs/ plus static busybox and its

@@ -3,7 +3,6 @@ boots under TCG with each guest kernel: the NullBox one (kernel.build guest) and
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from cage import guestimage, qemu
 from cage.guestimage import KernelKind
 from cage.qemu import GuestNet, QemuVM, Vm
 from ctxgraph.process import ServerProcess
-from image.initrd import ModuleTree
+from image.initrd import ModuleTree, is_static_elf
 from kernel import build as kernel_build
 from nullbox import kvm
 from nullbox.kvm import Accel
@@ -36,6 +35,7 @@ from tests.cage.agent_rootfs import AGENT_PATH, agent_env, build_agent_rootfs
 REPO = Path(__file__).resolve().parent.parent.parent
 TCG = Accel("tcg", ("test",))
 KVM = Accel("kvm", ("test",))
+AGENT_PATH_VAR = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the guest init's default
 SECRET = 'tok-3f9a\'$(reboot) "x"\nline2'
 
 
@@ -272,44 +272,111 @@ def test_reachable_socket_and_kvm_groups(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ config disk
 
 
-def test_config_disk_round_trips_through_sh(tmp_path: Path) -> None:
-    """What the guest's init does with the disk (strip NULs, source it) gives back the exact values."""
-    env = {"SECRET": SECRET, "EMPTY": "", "UNI": "żółw \\ $HOME `id`"}
-    disk = qemu.write_config_disk(tmp_path / "config.img", ["/bin/agent", "two words", "it's"], env, "/work dir")
+@pytest.fixture(scope="module")
+def guest_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cage/guest/init.c compiled as the initramfs carries it; run on the host (not PID 1) it only parses configs."""
+    path = tmp_path_factory.mktemp("init") / "init"
+    path.write_bytes(guestimage.guest_init())
+    path.chmod(0o755)
+    return path
+
+
+def print_config(init: Path, disk: Path, *extra: str) -> list[tuple[str, ...]]:
+    """``init --print-config DISK``: what the guest would give the agent, as (kind, fields...) tuples."""
+    out = subprocess.run([str(init), "--print-config", str(disk), *extra], check=True, capture_output=True).stdout
+    fields = out.decode().split("\0")
+    assert fields.pop() == ""
+    arity = {"env": 1, "workdir": 1, "arg": 1, "share": 3}
+    parsed: list[tuple[str, ...]] = []
+    while fields:
+        kind = fields.pop(0)
+        parsed.append((kind, *(fields.pop(0) for _ in range(arity[kind]))))
+    return parsed
+
+
+def test_config_disk_round_trips_through_the_guest_init(tmp_path: Path, guest_init: Path) -> None:
+    """What the guest's init reads from the disk is exactly what cage wrote: any byte but NUL, nothing evaluated;
+    the agent's environment is a clean one plus the disk's, which may replace a default."""
+    env = {"SECRET": SECRET, "EMPTY": "", "UNI": "żółw \\ $HOME `id`", "HOME": "/home/agent"}
+    command = ["/bin/agent", "two words", "it's", "-x=$(id)"]
+    disk = qemu.write_config_disk(tmp_path / "config.img", command, env, "/work")
     assert stat.S_IMODE(disk.stat().st_mode) == 0o600
     data = disk.read_bytes()
     assert len(data) % qemu.SECTOR == 0 and len(data) >= qemu.MIN_CONFIG_BYTES
-    script = (
-        'tr -d \'\\000\' <"$1" >"$1.sh" && . "$1.sh" && '
-        'printf "%s\\0" "$SECRET" "$EMPTY" "$UNI" "$NB_WORKDIR" "$#" "$@"'
-    )
-    out = subprocess.run(
-        ["busybox", "sh", "-c", script, "sh", str(disk)], check=True, capture_output=True, env={}
-    ).stdout.decode()
-    assert out.split("\0")[:-1] == [SECRET, "", env["UNI"], "/work dir", "3", "/bin/agent", "two words", "it's"]
+    assert data.startswith(qemu.CONFIG_HEADER)
+    parsed = print_config(guest_init, disk, "alpha", "vsock")
+    assert [p[1] for p in parsed if p[0] == "env"] == [
+        "TERM=dumb",
+        "NULLBOX_AGENT=alpha",
+        "NULLBOX_CTX=vsock",
+        f"PATH={AGENT_PATH_VAR}",
+        "EMPTY=",
+        "HOME=/home/agent",
+        f"SECRET={SECRET}",
+        f"UNI={env['UNI']}",
+    ]
+    assert ("workdir", "/work") in parsed
+    assert [p[1] for p in parsed if p[0] == "arg"] == command
 
 
-def test_config_disk_lists_shares_parents_first(tmp_path: Path) -> None:
+def test_config_disk_lists_shares_parents_first(tmp_path: Path, guest_init: Path) -> None:
     shares = [
         qemu.GuestShare("data1", tmp_path / "o", "/data/in/out", read_only=False),
         qemu.GuestShare("data2", tmp_path / "w", "/data/in-x", read_only=False),
         qemu.GuestShare("data0", tmp_path / "i", "/data/in", read_only=True),
     ]
     disk = qemu.write_config_disk(tmp_path / "config.img", ["/a"], {"X": "1"}, "/", shares)
-    script = 'tr -d \'\\000\' <"$1" >"$1.sh" && . "$1.sh" && printf "%s" "$NB_SHARES"'
-    out = subprocess.run(["busybox", "sh", "-c", script, "sh", str(disk)], check=True, capture_output=True).stdout
-    assert out.decode().split() == ["data0:ro:/data/in", "data1:rw:/data/in/out", "data2:rw:/data/in-x"]
-    assert "NB_SHARES=''" in qemu.config_text(["/a"], {})  # none: the guest mounts nothing
+    assert [p[1:] for p in print_config(guest_init, disk) if p[0] == "share"] == [
+        ("data0", "ro", "/data/in"),
+        ("data1", "rw", "/data/in/out"),
+        ("data2", "rw", "/data/in-x"),
+    ]
+    assert b"share " not in qemu.config_bytes(["/a"], {})  # none: the guest mounts nothing
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (b"# nullbox-config 1\nexport A=b\n", " is not a nullbox config disk (version 2)"),
+        (b"nullbox-config 2\nenv A=b\0\0", ": the config names no command"),
+        (b"nullbox-config 2\narg /a\0run x\0\0", ": unknown config record run x"),
+        (b"nullbox-config 2\nenv 1A=b\0arg /a\0\0", ": bad environment record (variable 1A=b)"),
+        (b"nullbox-config 2\nenv A\0arg /a\0\0", ": bad environment record (variable A)"),
+        (b"nullbox-config 2\narg /a\0workdir /x/../etc\0\0", ": bad working directory /x/../etc"),
+        (b"nullbox-config 2\narg /a\0share d0:rx:/d\0\0", ": share d0 has mode rx (ro or rw)"),
+        (b"nullbox-config 2\narg /a\0share d0:ro:d\0\0", ": share d0 has a bad path d"),
+        (b"nullbox-config 2\narg /a\0share d0:ro:/d/\0\0", ": share d0 has a bad path /d/"),
+        (b"nullbox-config 2\narg /a\0share d0\0\0", ": bad share record d0"),
+        (b"nullbox-config 2\narg /a\0", ": the config has no end record"),
+        (b"nullbox-config 2\narg /a", ": the config's last record is not terminated"),
+    ],
+)
+def test_the_guest_init_refuses_a_bad_config_disk(
+    tmp_path: Path, guest_init: Path, records: bytes, message: str
+) -> None:
+    """Each defect gets one message naming the disk and what is wrong (in the guest: NULLBOX-GUEST-FAIL)."""
+    disk = tmp_path / "config.img"
+    disk.write_bytes(records)
+    done = subprocess.run([str(guest_init), "--print-config", str(disk)], check=False, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"init: {disk}{message}\n"
+
+
+def test_the_guest_init_runs_only_as_pid_1(guest_init: Path) -> None:
+    done = subprocess.run([str(guest_init)], check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and "not PID 1" in done.stderr
 
 
 def test_config_disk_refuses_bad_input(tmp_path: Path) -> None:
     path = tmp_path / "config.img"
     for command, env, workdir in (
         ([], {}, "/"),
+        (["/a", ""], {}, "/"),
         (["/a"], {"BAD NAME": "x"}, "/"),
-        (["/a"], {"NB_WORKDIR": "x"}, "/"),  # would override the guest init's own variables
         (["/a"], {"X": "nul\0"}, "/"),
+        (["nul\0"], {}, "/"),
         (["/a"], {}, "relative"),
+        (["/a"], {}, "/x/../etc"),
     ):
         with pytest.raises(ValueError):
             qemu.write_config_disk(path, command, env, workdir)
@@ -340,14 +407,12 @@ def test_parse_console() -> None:
 # -------------------------------------------------------------------------------------------- guest initramfs
 
 
-def test_guest_init_is_valid_sh() -> None:
-    subprocess.run(["busybox", "sh", "-n", str(guestimage.GUEST_DIR / "init")], check=True)
+def test_the_guest_init_is_a_static_executable() -> None:
+    """It is the initramfs's only program: no loader, no libraries."""
+    assert is_static_elf(guestimage.guest_init())
 
 
 # ----------------------------------------------------------------------- which kernel (fake builds, no compile)
-
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 def fake_nullbox_build(build: Path, config: str = "CONFIG_PVH=y\nCONFIG_RD_ZSTD=y\n") -> Path:
@@ -411,14 +476,13 @@ def test_boot_kernel_of_a_nullbox_build_without_a_pvh_vmlinux_is_its_bzimage(tmp
     assert guestimage.boot_kernel(tmp_path, KernelKind.NULLBOX) == out / "bzImage"
 
 
+NEWC_MAGIC = b"070701"
+
+
 def initramfs_members(path: Path) -> dict[str, bytes]:
-    """Name -> data of every member of a zstd- or gzip-compressed newc initramfs (read by the host's cpio)."""
-    data = path.read_bytes()
-    if data.startswith(ZSTD_MAGIC):
-        archive = subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
-    else:
-        assert data.startswith(GZIP_MAGIC)
-        archive = gzip.decompress(data)
+    """Name -> data of every member of an uncompressed newc initramfs (read by the host's cpio)."""
+    archive = path.read_bytes()
+    assert archive.startswith(NEWC_MAGIC)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames"], input=archive, cwd=tmp, check=True)
         root = Path(tmp)
@@ -428,28 +492,29 @@ def initramfs_members(path: Path) -> dict[str, bytes]:
         }
 
 
-def test_the_nullbox_initramfs_has_no_modules(tmp_path: Path) -> None:
-    """No /lib/modules at all, compressed as the kernel's .config allows; cached per kernel kind."""
+def test_the_nullbox_initramfs_is_the_init_alone(tmp_path: Path) -> None:
+    """The compiled init, its mount points and two device nodes: no modules, no shell, no compression; cached per
+    kernel kind."""
     cache = tmp_path / guestimage.CACHE_DIR
     cache.mkdir()
     debians = cache / "guest-initrd-debian-0123456789abcdef.img"  # another kernel's initramfs
     debians.write_bytes(b"x")
     out = fake_nullbox_build(tmp_path)
-    zstd = guestimage.build_initramfs(tmp_path, KernelKind.NULLBOX)
-    assert zstd.parent == cache and zstd.name.startswith("guest-initrd-nullbox-")
-    assert zstd.read_bytes().startswith(ZSTD_MAGIC)
-    members = initramfs_members(zstd)
-    assert members["init"] == (guestimage.GUEST_DIR / "init").read_bytes()
-    assert members["bin/busybox"][:4] == b"\x7fELF" and "bin/sh" in members and "dev/console" in members
-    assert not [name for name in members if name.startswith("lib")]
-    assert guestimage.build_initramfs(tmp_path) == zstd  # chosen by default, and cached
+    image = guestimage.build_initramfs(tmp_path, KernelKind.NULLBOX)
+    assert image.parent == cache and image.name.startswith("guest-initrd-nullbox-")
+    members = initramfs_members(image)
+    assert members.pop("init") == guestimage.guest_init()
+    assert members == dict.fromkeys(
+        ("dev", "dev/console", "dev/null", "proc", "sys", "lower", "overlay", "newroot"), b""
+    )
+    assert guestimage.build_initramfs(tmp_path) == image  # chosen by default, and cached
 
-    (out / ".config").write_text("CONFIG_PVH=y\n")  # a kernel without CONFIG_RD_ZSTD: gzip
+    (out / "version").write_text("6.1.1-test-nullbox-guest\n")  # another release of the kernel: a new image
     (out / "build.json").write_text(json.dumps(kernel_build.cache_key("guest", "6.1.0-test")))
-    gz = guestimage.build_initramfs(tmp_path, KernelKind.NULLBOX)
-    assert gz != zstd and gz.read_bytes().startswith(GZIP_MAGIC)
-    assert initramfs_members(gz).keys() == members.keys()
-    assert not zstd.exists()  # the same kernel's older initramfs is replaced ...
+    before = image.read_bytes()
+    again = guestimage.build_initramfs(tmp_path, KernelKind.NULLBOX)
+    assert again != image and again.read_bytes() == before
+    assert not image.exists()  # the same kernel's older initramfs is replaced ...
     assert debians.exists()  # ... another kernel's stays (a benchmark boots both in one run)
 
 
@@ -481,10 +546,9 @@ def test_initramfs_loads_modules_after_their_dependencies(debian_kernel: guestim
     kernel = debian_kernel
     assert kernel.modules is not None
     tree = ModuleTree.scan(kernel.modules)
-    entries = guestimage.initramfs_entries(b"#!/bin/sh\n", b"", ["bin/sh", "sbin/insmod"], kernel.version, tree)
+    entries = guestimage.initramfs_entries(b"\x7fELF init", kernel.version, tree)
     by_path = {e.path: e for e in entries}
-    assert stat.S_IMODE(by_path["init"].mode) == 0o755
-    assert by_path["bin/sh"].data == b"/bin/busybox"
+    assert stat.S_IMODE(by_path["init"].mode) == 0o755 and by_path["init"].data == b"\x7fELF init"
     moddir = f"lib/modules/{kernel.version}"
     listed: list[str] = []
     for name in guestimage.MODULE_LISTS:
