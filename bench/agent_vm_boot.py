@@ -8,7 +8,7 @@ First ``python -m image.build kernel`` (Debian's kernel) and ``python -m kernel.
 kernel) run in the repository, no-ops when their outputs are up to date, so that what is measured is what the
 working tree builds.  Each arm boots what cage boots, through cage's own pieces: ``cage.guestimage.guest_files``
 (the kernel QEMU loads and the guest initramfs), ``cage.qemu.QemuVM``/``Vm`` (the microvm command line, TCG, the
-agent's SquashFS root and config disk) and the test agent of tests/cage (busybox; it reads a secret from its config
+agent's SquashFS root and config) and the test agent of tests/cage (busybox; it reads a secret from its config
 disk and writes it to ctxgraph through the virtio-serial port, then exits and the guest powers off).  A real
 ctxgraph daemon takes the writes.  No network device: the benchmark needs no root (no TAP).
 
@@ -129,9 +129,7 @@ class BootRig:
             kernel=files.boot,
             initramfs=files.initramfs,
             rootfs=self.image,
-            config_disk=qemu.write_config_disk(
-                directory / "config.img", [AGENT_PATH], agent_env(key, SECRET_VAR, secret)
-            ),
+            config=qemu.write_config(directory / "config.cpio", [AGENT_PATH], agent_env(key, SECRET_VAR, secret)),
             console_log=directory / "console.log",
             qmp_socket=directory / "qmp.sock",
             ctxgraph_socket=self.socket,

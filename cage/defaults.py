@@ -9,7 +9,7 @@ SOCKET: Final = Path("/run/nullbox/cage.sock")
 AGENTS_DIR: Final = Path("/var/lib/nullbox/agents")  # cage.agents.AgentStore
 VAULT_DIR: Final = Path("/var/lib/nullbox/vault")  # cage.vault.Vault
 STATE_DIR: Final = Path("/var/lib/nullbox/cage")  # slots.json, packed root images
-RUN_DIR: Final = Path("/run/nullbox/cage")  # per running agent: QMP socket, console FIFO, config disk
+RUN_DIR: Final = Path("/run/nullbox/cage")  # per running agent: QMP socket, console FIFO, config (while starting)
 LOG_DIR: Final = Path("/var/log/nullbox/agents")  # <agent>.log, guest consoles
 
 EGRESS_SOCKET: Final = Path("/run/nullbox/egress.sock")

@@ -12,7 +12,7 @@ already done, newest first, so a failed start leaves nothing behind:
    host with vhost-vsock, the VM's vsock CID (defaults.VSOCK_CID_BASE + slot), which ctxgraph maps to the agent;
 5. its cgroup (cpu.max, memory.max = max_memory_mb + VMM overhead, pids.max; controllers the hierarchy lacks are
    reported, not fatal);
-6. the VMM: QEMU (root image packed once per install, config disk with env + secrets, QMP) or libkrun (launcher);
+6. the VMM: QEMU (root image packed once per install, env + secrets in its initramfs, QMP) or libkrun (launcher);
    its pid is moved into the cgroup right after the fork.
 
 A monitor waits for the VMM to exit (pidfd), records how it ended (QEMU's status, the guest's
@@ -688,13 +688,13 @@ class Cage:
         data = data_shares.data_dir(self.paths.state, run.agent)
         shares = data_shares.plan(data, manifest.capabilities.filesystem)
         data_shares.prepare(data, shares, run.uid, run.uid)
-        disk = qemu.write_config_disk(run.directory / "config.img", manifest.agent.argv, env, "/", shares)
+        config = qemu.write_config(run.directory / "config.cpio", manifest.agent.argv, env, "/", shares)
         spec = qemu.QemuVM(
             agent=run.agent,
             kernel=self.config.kernel,
             initramfs=self.config.initramfs,
             rootfs=image,
-            config_disk=disk,
+            config=config,
             console_log=console,
             memory_mb=manifest.capabilities.max_memory_mb,
             cpus=1,
@@ -710,7 +710,7 @@ class Cage:
         try:
             vm.start(qemu.detect_accel())
         finally:
-            disk.unlink(missing_ok=True)  # Vm.start removes it once QEMU has it open; never leave secrets behind
+            config.unlink(missing_ok=True)  # Vm.start removes it before QEMU starts; never leave secrets behind
         return vm
 
     def _start_libkrun(

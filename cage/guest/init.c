@@ -2,7 +2,7 @@
  * NullBox agent VM /init: PID 1 of the microVM, compiled static (cage/guestimage.py builds it into the guest
  * initramfs, alone but for the Debian kernel's modules).  It loads the few modules the VM needs (none with the
  * NullBox guest kernel, which has them built in), mounts the agent's read-only root image under a tmpfs overlay,
- * reads the per-boot config disk (command, working directory, environment - secrets included - and shares),
+ * reads the per-boot config (command, working directory, environment - secrets included - and shares),
  * configures eth0, mounts the shares, runs the agent's command chrooted into its root, forwards the ACPI power
  * button to it as SIGTERM, reports its exit status on the console and powers off.
  *
@@ -16,11 +16,11 @@
  *   nullbox.ctx=serial|vsock|none     how the agent reaches ctxgraph: the virtio-serial port
  *                                     /dev/virtio-ports/org.nullbox.ctxgraph, or vsock (host CID 2, port 7000)
  *   nullbox.onfail=poweroff|halt      after a fatal error: power off (default) or stay up with the message shown
- * Disks, found by their virtio serial: nullbox-root (the agent's root image: SquashFS or ext4, mounted read-only)
- * and nullbox-config: the line "nullbox-config 2", then NUL-terminated records up to the first empty one (the rest
- * is NUL padding to whole sectors), each "env NAME=VALUE", "workdir PATH", "share TAG:ro|rw:PATH" (parents first)
- * or "arg WORD" (the command, in order); see cage/qemu.py config_bytes.  The config stays in this process's memory
- * (never in a file) and is wiped once the agent has its copy.
+ * The root disk, found by its virtio serial nullbox-root: the agent's root image (SquashFS or ext4, read-only).
+ * The config, /nullbox-config in the initramfs (cage appends it to the initramfs at each start): the line
+ * "nullbox-config 2", then NUL-terminated records up to the first empty one, each "env NAME=VALUE", "workdir PATH",
+ * "share TAG:ro|rw:PATH" (parents first) or "arg WORD" (the command, in order); see cage/qemu.py config_bytes.  It
+ * is removed once read and its bytes are wiped once the agent has its copy.
  * Every path in the agent's root is resolved inside that root (openat2 RESOLVE_IN_ROOT): a symlink in the agent's
  * image cannot point a mount at the initramfs.
  *
@@ -31,7 +31,7 @@
  *   NULLBOX-AGENT-EXIT <status>       its exit status (128+N for signal N)
  *   NULLBOX-GUEST-FAIL <message>      the VM could not run the agent
  *
- * Not PID 1 (a host test): "init --print-config DISK [AGENT [CTX]]" parses a config disk image as the guest would
+ * Not PID 1 (a host test): "init --print-config FILE [AGENT [CTX]]" parses a config file as the guest would
  * and prints what the agent would get, as NUL-terminated fields: "env" NAME=VALUE (the whole environment),
  * "workdir" PATH, "share" TAG MODE PATH, "arg" WORD.
  */
@@ -64,7 +64,7 @@
 #include <unistd.h>
 
 #define ROOT_SERIAL "nullbox-root"
-#define CONFIG_SERIAL "nullbox-config"
+#define CONFIG_FILE "/nullbox-config"
 #define CONFIG_HEADER "nullbox-config 2\n"
 #define MAX_CONFIG (1 << 20)
 #define DISK_WAIT_S 30
@@ -310,10 +310,10 @@ struct share {
 };
 
 struct config {
-	char *data; /* the disk's bytes: every string below points into it */
+	char *data; /* the file's bytes: every string below points into it */
 	size_t size;
 	const char *workdir;
-	char **env; /* NAME=VALUE, from the disk */
+	char **env; /* NAME=VALUE, from the file */
 	size_t n_env;
 	char **argv; /* NULL-terminated */
 	size_t n_argv;
@@ -367,39 +367,15 @@ static void parse_share(char *spec, struct share *out, const char *source)
 	out->path = path;
 }
 
-/* The config disk up to its end record (the empty one), not its whole padding: 4 KiB reads, no read-ahead. */
-static char *read_records(const char *device, size_t header, size_t *size)
-{
-	int fd = open(device, O_RDONLY | O_CLOEXEC);
-	char *buf = malloc(MAX_CONFIG + 1);
-	if (fd < 0 || buf == NULL)
-		fail("cannot read the config disk %s: %s", device, strerror(fd < 0 ? errno : ENOMEM));
-	posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
-	size_t used = 0;
-	for (;;) {
-		ssize_t n = read(fd, buf + used, used + 4096 > MAX_CONFIG ? MAX_CONFIG - used : 4096);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			fail("cannot read the config disk %s: %s", device, strerror(errno));
-		used += (size_t)n;
-		if (n == 0 || used == MAX_CONFIG ||
-		    (used > header && (buf[header] == '\0' || memmem(buf + header, used - header, "\0\0", 2) != NULL)))
-			break;
-	}
-	close(fd);
-	buf[used] = '\0';
-	*size = used;
-	return buf;
-}
-
-static struct config read_config(const char *device)
+static struct config read_config(const char *path)
 {
 	struct config c = {0};
 	size_t header = strlen(CONFIG_HEADER);
-	c.data = read_records(device, header, &c.size);
+	c.data = read_all(path, MAX_CONFIG, &c.size);
+	if (c.data == NULL)
+		fail("cannot read the config %s: %s", path, strerror(errno));
 	if (c.size < header || memcmp(c.data, CONFIG_HEADER, header) != 0)
-		fail("%s is not a nullbox config disk (version 2)", device);
+		fail("%s is not a nullbox config (version 2)", path);
 	size_t records = 0;
 	for (size_t i = header; i < c.size; i++)
 		records += c.data[i] == '\0';
@@ -407,14 +383,14 @@ static struct config read_config(const char *device)
 	c.argv = calloc(records + 1, sizeof *c.argv);
 	c.shares = calloc(records + 1, sizeof *c.shares);
 	if (c.env == NULL || c.argv == NULL || c.shares == NULL)
-		fail("out of memory reading the config disk");
+		fail("out of memory reading the config");
 	c.workdir = "/";
 	int ended = 0;
 	for (size_t at = header; at < c.size;) {
 		char *record = c.data + at;
 		size_t len = strnlen(record, c.size - at);
 		if (at + len == c.size)
-			fail("%s: the config's last record is not terminated", device);
+			fail("%s: the config's last record is not terminated", path);
 		at += len + 1;
 		if (len == 0) {
 			ended = 1;
@@ -422,24 +398,24 @@ static struct config read_config(const char *device)
 		}
 		if (strncmp(record, "env ", 4) == 0) {
 			if (!valid_env_name(record + 4))
-				fail("%s: bad environment record (variable %.64s)", device, record + 4);
+				fail("%s: bad environment record (variable %.64s)", path, record + 4);
 			c.env[c.n_env++] = record + 4;
 		} else if (strncmp(record, "arg ", 4) == 0 && record[4] != '\0') {
 			c.argv[c.n_argv++] = record + 4;
 		} else if (strncmp(record, "workdir ", 8) == 0) {
 			if (!normal_path(record + 8))
-				fail("%s: bad working directory %.256s", device, record + 8);
+				fail("%s: bad working directory %.256s", path, record + 8);
 			c.workdir = record + 8;
 		} else if (strncmp(record, "share ", 6) == 0) {
-			parse_share(record + 6, &c.shares[c.n_shares++], device);
+			parse_share(record + 6, &c.shares[c.n_shares++], path);
 		} else {
-			fail("%s: unknown config record %.16s", device, record);
+			fail("%s: unknown config record %.16s", path, record);
 		}
 	}
 	if (!ended)
-		fail("%s: the config has no end record", device);
+		fail("%s: the config has no end record", path);
 	if (c.n_argv == 0)
-		fail("%s: the config names no command", device);
+		fail("%s: the config names no command", path);
 	return c;
 }
 
@@ -531,11 +507,8 @@ static int mount_in_root(const char *source, const char *path, const char *type,
 }
 
 /* The agent's root: its image read-only on /lower, a tmpfs overlay on top (writes vanish with the VM). */
-static void mount_root(void)
+static void mount_root(const char *dev)
 {
-	char dev[300];
-	if (!find_disk(ROOT_SERIAL, dev, sizeof dev))
-		fail("no root disk (virtio serial %s)", ROOT_SERIAL);
 	char magic[4] = {0};
 	int fd = open(dev, O_RDONLY | O_CLOEXEC);
 	if (fd < 0 || read(fd, magic, sizeof magic) != (ssize_t)sizeof magic)
@@ -753,6 +726,9 @@ static int power_pressed(int fd)
 	return pressed;
 }
 
+/* The agent's process after vfork: it borrows init's memory until the exec (copying init's page tables for a
+ * fork costs milliseconds under TCG), so it only makes system calls, writes into its own stack frame and sets
+ * `environ` (which init no longer reads), and ends in exec or _exit. */
 static __attribute__((noreturn)) void exec_agent(const struct config *c, char **env, const sigset_t *old)
 {
 	sigprocmask(SIG_SETMASK, old, NULL);
@@ -793,7 +769,7 @@ static int run_agent(struct config *c, char **env)
 	if (sigfd < 0)
 		fail("signalfd: %s", strerror(errno));
 	line("NULLBOX-AGENT-START %s", uptime());
-	pid_t child = fork();
+	pid_t child = vfork();
 	if (child < 0)
 		fail("cannot start the agent: %s", strerror(errno));
 	if (child == 0)
@@ -827,7 +803,7 @@ static int run_agent(struct config *c, char **env)
 static int print_config(int argc, char **argv)
 {
 	if (argc < 3 || argc > 5) {
-		line("usage: init --print-config DISK [AGENT [CTX]]  (as PID 1 it boots an agent VM)");
+		line("usage: init --print-config FILE [AGENT [CTX]]  (as PID 1 it boots an agent VM)");
 		return 2;
 	}
 	if (argc > 3)
@@ -853,7 +829,7 @@ int main(int argc, char **argv)
 	if (!is_pid1) {
 		if (argc > 1 && strcmp(argv[1], "--print-config") == 0)
 			return print_config(argc, argv);
-		line("init: not PID 1 (as a host tool: init --print-config DISK [AGENT [CTX]])");
+		line("init: not PID 1 (as a host tool: init --print-config FILE [AGENT [CTX]])");
 		return 2;
 	}
 	umask(022);
@@ -868,11 +844,12 @@ int main(int argc, char **argv)
 	load_modules("nullbox.load");
 	if (strcmp(ctx, "vsock") == 0)
 		load_modules("nullbox.load-vsock");
-	char config_dev[300];
-	if (!find_disk(CONFIG_SERIAL, config_dev, sizeof config_dev))
-		fail("no config disk (virtio serial %s)", CONFIG_SERIAL);
-	struct config c = read_config(config_dev);
-	mount_root();
+	struct config c = read_config(CONFIG_FILE);
+	unlink(CONFIG_FILE);
+	char root[300];
+	if (!find_disk(ROOT_SERIAL, root, sizeof root))
+		fail("no root disk (virtio serial %s)", ROOT_SERIAL);
+	mount_root(root);
 	int need_port = strcmp(ctx, "serial") == 0, tries = DEVICE_WAIT_TICKS;
 	while (!virtio_ports() && need_port && --tries > 0)
 		tick(); /* the host adds a port a moment after the device's probe */

@@ -1,7 +1,7 @@
 """A tiny agent root filesystem for boot tests: the host's static busybox and one agent script.
 
 The agent (``/agent/run``) reads the value to store from an environment variable (a stand-in for a granted
-secret; it reaches the guest on the config disk, never on a command line), optionally pings its gateway, writes one
+secret; it reaches the guest in its config, never on a command line), optionally pings its gateway, writes one
 put line to ctxgraph through the virtio-serial port /dev/virtio-ports/org.nullbox.ctxgraph, reads the reply line and
 prints it on the console.  It exits 0 only when ctxgraph answered ``"ok":true`` (5 when it refused).
 """

@@ -1,4 +1,4 @@
-"""cage.qemu: the microvm command line, the config disk, the guest kernel and initramfs (cage.guestimage), and real
+"""cage.qemu: the microvm command line, the config, the guest kernel and initramfs (cage.guestimage), and real
 boots under TCG with each guest kernel: the NullBox one (kernel.build guest) and Debian's (image.build kernel)."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def spec(tmp: Path, **changes: object) -> QemuVM:
         kernel=tmp / "vmlinuz",
         initramfs=tmp / "initrd.img",
         rootfs=tmp / "root.sqfs",
-        config_disk=tmp / "config.img",
+        config=tmp / "config.cpio",
         console_log=tmp / "console.log",
         qmp_socket=tmp / "qmp.sock",
         ctxgraph_socket=tmp / "agents" / "alpha.sock",
@@ -60,7 +60,7 @@ def option(argv: list[str], flag: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------------- argv
 
 
-def test_argv_is_a_microvm_with_read_only_disks(tmp_path: Path) -> None:
+def test_argv_is_a_microvm_with_a_read_only_root_disk(tmp_path: Path) -> None:
     argv = qemu.qemu_argv(spec(tmp_path), TCG, vsock_available=False)
     assert argv[0] == "qemu-system-x86_64"
     assert all(isinstance(a, str) for a in argv)
@@ -68,12 +68,11 @@ def test_argv_is_a_microvm_with_read_only_disks(tmp_path: Path) -> None:
     assert "x-option-roms=off" in option(argv, "-M")[0]
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
     drives = option(argv, "-drive")
-    assert len(drives) == 2
-    assert all("readonly=on" in d and "format=raw" in d for d in drives)
+    assert len(drives) == 1  # the config travels in the initramfs (boot_initramfs), not as a disk
+    assert "readonly=on" in drives[0] and "format=raw" in drives[0]
     assert f"file={tmp_path / 'root.sqfs'}," in drives[0]
     devices = option(argv, "-device")
-    assert "virtio-blk-device,drive=root,serial=nullbox-root" in devices
-    assert "virtio-blk-device,drive=config,serial=nullbox-config" in devices
+    assert [d for d in devices if d.startswith("virtio-blk")] == ["virtio-blk-device,drive=root,serial=nullbox-root"]
     assert not any("-pci" in d for d in devices)  # microvm: virtio-mmio only
     assert option(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
     assert option(argv, "-initrd") == [str(tmp_path / "initrd.img")]
@@ -116,7 +115,7 @@ def test_this_host_gets_tcg() -> None:
 
 def test_no_secrets_in_argv_or_kernel_command_line(tmp_path: Path) -> None:
     vm = spec(tmp_path)
-    qemu.write_config_disk(vm.config_disk, ["/bin/agent", "--serve"], {"OPENAI_API_KEY": SECRET, "TOKEN": "hunter2"})
+    qemu.write_config(vm.config, ["/bin/agent", "--serve"], {"OPENAI_API_KEY": SECRET, "TOKEN": "hunter2"})
     argv = qemu.qemu_argv(vm, TCG)
     for secret in (SECRET, "hunter2", "OPENAI_API_KEY", "tok-3f9a"):
         assert not any(secret in a for a in argv)
@@ -181,21 +180,19 @@ def test_argv_with_passed_descriptors(tmp_path: Path) -> None:
     net = GuestNet("nb-1a2b3c", IPv4Interface("10.77.0.2/30"), IPv4Address("10.77.0.1"), "52:54:00:12:34:56")
     share = qemu.GuestShare("data0", tmp_path / "data" / "in", "/data/in", read_only=True)
     vm = spec(tmp_path, net=net, uid=70123, shares=(share,))
-    fds = qemu.PassedFds(root=10, config=11, console=12, qmp=13, tap=14, ctx=15, shares=(16,))
+    fds = qemu.PassedFds(root=10, initrd=11, console=12, qmp=13, tap=14, ctx=15, shares=(16,))
     argv = qemu.qemu_argv(vm, TCG, vsock_available=False, fds=fds)
-    assert option(argv, "-add-fd") == ["fd=12,set=3", "fd=10,set=1", "fd=11,set=2"]
-    assert option(argv, "-drive") == [
-        "file=/dev/fdset/1,format=raw,if=none,id=root,readonly=on",
-        "file=/dev/fdset/2,format=raw,if=none,id=config,readonly=on",
-    ]
+    assert option(argv, "-add-fd") == ["fd=12,set=3", "fd=10,set=1"]
+    assert option(argv, "-drive") == ["file=/dev/fdset/1,format=raw,if=none,id=root,readonly=on"]
+    assert option(argv, "-initrd") == ["/proc/self/fd/11"]  # boot_initramfs's memfd: the config is in it
     chardevs = option(argv, "-chardev")
     assert "file,id=console,path=/dev/fdset/3,append=on" in chardevs
     assert "socket,id=qmp,fd=13,server=on,wait=off" in chardevs
     assert "socket,id=ctx,fd=15" in chardevs
     assert option(argv, "-netdev") == ["tap,id=net0,fd=14"]
     assert option(argv, "-fsdev") == ["local,id=fs0,path=/proc/self/fd/16,security_model=none,readonly=on"]
-    # nothing under the caller's directories is opened by path but the kernel and initramfs (installed world-readable)
-    assert [a for a in argv if str(tmp_path) in a] == [str(vm.kernel), str(vm.initramfs)]
+    # nothing under the caller's directories is opened by path but the kernel (installed world-readable)
+    assert [a for a in argv if str(tmp_path) in a] == [str(vm.kernel)]
     assert fds.all == (10, 11, 12, 13, 14, 15, 16)
     # the ctxgraph socket by path (reconnecting) when the agent's uid reaches it
     by_path = qemu.qemu_argv(vm, TCG, vsock_available=False, fds=replace(fds, ctx=None))
@@ -269,7 +266,7 @@ def test_reachable_socket_and_kvm_groups(tmp_path: Path) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, qemu.KVM_GID, 0o660)
 
 
-# ------------------------------------------------------------------------------------------------ config disk
+# ----------------------------------------------------------------------------------------------------- config
 
 
 @pytest.fixture(scope="module")
@@ -281,9 +278,20 @@ def guest_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def print_config(init: Path, disk: Path, *extra: str) -> list[tuple[str, ...]]:
-    """``init --print-config DISK``: what the guest would give the agent, as (kind, fields...) tuples."""
-    out = subprocess.run([str(init), "--print-config", str(disk), *extra], check=True, capture_output=True).stdout
+def config_member(archive: Path) -> tuple[int, bytes]:
+    """(permission bits, data) of the one member of a write_config archive, as the host's cpio extracts it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["cpio", "-id", "--quiet"], input=archive.read_bytes(), cwd=tmp, check=True)
+        members = list(Path(tmp).iterdir())
+        assert [m.name for m in members] == [qemu.CONFIG_MEMBER]
+        return stat.S_IMODE(members[0].stat().st_mode), members[0].read_bytes()
+
+
+def print_config(init: Path, config: bytes, tmp: Path, *extra: str) -> list[tuple[str, ...]]:
+    """``init --print-config FILE``: what the guest would give the agent, as (kind, fields...) tuples."""
+    path = tmp / "nullbox-config"
+    path.write_bytes(config)
+    out = subprocess.run([str(init), "--print-config", str(path), *extra], check=True, capture_output=True).stdout
     fields = out.decode().split("\0")
     assert fields.pop() == ""
     arity = {"env": 1, "workdir": 1, "arg": 1, "share": 3}
@@ -294,17 +302,17 @@ def print_config(init: Path, disk: Path, *extra: str) -> list[tuple[str, ...]]:
     return parsed
 
 
-def test_config_disk_round_trips_through_the_guest_init(tmp_path: Path, guest_init: Path) -> None:
-    """What the guest's init reads from the disk is exactly what cage wrote: any byte but NUL, nothing evaluated;
-    the agent's environment is a clean one plus the disk's, which may replace a default."""
+def test_config_round_trips_through_the_guest_init(tmp_path: Path, guest_init: Path) -> None:
+    """What the guest's init reads is exactly what cage wrote: any byte but NUL, nothing evaluated; the agent's
+    environment is a clean one plus the config's, which may replace a default."""
     env = {"SECRET": SECRET, "EMPTY": "", "UNI": "żółw \\ $HOME `id`", "HOME": "/home/agent"}
     command = ["/bin/agent", "two words", "it's", "-x=$(id)"]
-    disk = qemu.write_config_disk(tmp_path / "config.img", command, env, "/work")
-    assert stat.S_IMODE(disk.stat().st_mode) == 0o600
-    data = disk.read_bytes()
-    assert len(data) % qemu.SECTOR == 0 and len(data) >= qemu.MIN_CONFIG_BYTES
+    archive = qemu.write_config(tmp_path / "config.cpio", command, env, "/work")
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    mode, data = config_member(archive)
+    assert mode == 0o400 and data == qemu.config_bytes(command, env, "/work")
     assert data.startswith(qemu.CONFIG_HEADER)
-    parsed = print_config(guest_init, disk, "alpha", "vsock")
+    parsed = print_config(guest_init, data, tmp_path, "alpha", "vsock")
     assert [p[1] for p in parsed if p[0] == "env"] == [
         "TERM=dumb",
         "NULLBOX_AGENT=alpha",
@@ -319,14 +327,14 @@ def test_config_disk_round_trips_through_the_guest_init(tmp_path: Path, guest_in
     assert [p[1] for p in parsed if p[0] == "arg"] == command
 
 
-def test_config_disk_lists_shares_parents_first(tmp_path: Path, guest_init: Path) -> None:
+def test_config_lists_shares_parents_first(tmp_path: Path, guest_init: Path) -> None:
     shares = [
         qemu.GuestShare("data1", tmp_path / "o", "/data/in/out", read_only=False),
         qemu.GuestShare("data2", tmp_path / "w", "/data/in-x", read_only=False),
         qemu.GuestShare("data0", tmp_path / "i", "/data/in", read_only=True),
     ]
-    disk = qemu.write_config_disk(tmp_path / "config.img", ["/a"], {"X": "1"}, "/", shares)
-    assert [p[1:] for p in print_config(guest_init, disk) if p[0] == "share"] == [
+    config = qemu.config_bytes(["/a"], {"X": "1"}, "/", shares)
+    assert [p[1:] for p in print_config(guest_init, config, tmp_path) if p[0] == "share"] == [
         ("data0", "ro", "/data/in"),
         ("data1", "rw", "/data/in/out"),
         ("data2", "rw", "/data/in-x"),
@@ -337,7 +345,7 @@ def test_config_disk_lists_shares_parents_first(tmp_path: Path, guest_init: Path
 @pytest.mark.parametrize(
     ("records", "message"),
     [
-        (b"# nullbox-config 1\nexport A=b\n", " is not a nullbox config disk (version 2)"),
+        (b"# nullbox-config 1\nexport A=b\n", " is not a nullbox config (version 2)"),
         (b"nullbox-config 2\nenv A=b\0\0", ": the config names no command"),
         (b"nullbox-config 2\narg /a\0run x\0\0", ": unknown config record run x"),
         (b"nullbox-config 2\nenv 1A=b\0arg /a\0\0", ": bad environment record (variable 1A=b)"),
@@ -351,15 +359,13 @@ def test_config_disk_lists_shares_parents_first(tmp_path: Path, guest_init: Path
         (b"nullbox-config 2\narg /a", ": the config's last record is not terminated"),
     ],
 )
-def test_the_guest_init_refuses_a_bad_config_disk(
-    tmp_path: Path, guest_init: Path, records: bytes, message: str
-) -> None:
-    """Each defect gets one message naming the disk and what is wrong (in the guest: NULLBOX-GUEST-FAIL)."""
-    disk = tmp_path / "config.img"
-    disk.write_bytes(records)
-    done = subprocess.run([str(guest_init), "--print-config", str(disk)], check=False, capture_output=True, text=True)
+def test_the_guest_init_refuses_a_bad_config(tmp_path: Path, guest_init: Path, records: bytes, message: str) -> None:
+    """Each defect gets one message naming the file and what is wrong (in the guest: NULLBOX-GUEST-FAIL)."""
+    path = tmp_path / "nullbox-config"
+    path.write_bytes(records)
+    done = subprocess.run([str(guest_init), "--print-config", str(path)], check=False, capture_output=True, text=True)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr == f"init: {disk}{message}\n"
+    assert done.stderr == f"init: {path}{message}\n"
 
 
 def test_the_guest_init_runs_only_as_pid_1(guest_init: Path) -> None:
@@ -367,8 +373,8 @@ def test_the_guest_init_runs_only_as_pid_1(guest_init: Path) -> None:
     assert done.returncode == 2 and "not PID 1" in done.stderr
 
 
-def test_config_disk_refuses_bad_input(tmp_path: Path) -> None:
-    path = tmp_path / "config.img"
+def test_config_refuses_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "config.cpio"
     for command, env, workdir in (
         ([], {}, "/"),
         (["/a", ""], {}, "/"),
@@ -377,21 +383,46 @@ def test_config_disk_refuses_bad_input(tmp_path: Path) -> None:
         (["nul\0"], {}, "/"),
         (["/a"], {}, "relative"),
         (["/a"], {}, "/x/../etc"),
+        (["/a"], {"BIG": "x" * qemu.MAX_CONFIG_BYTES}, "/"),
     ):
         with pytest.raises(ValueError):
-            qemu.write_config_disk(path, command, env, workdir)
+            qemu.write_config(path, command, env, workdir)
     assert not path.exists()
     path.symlink_to(tmp_path / "elsewhere")
-    qemu.write_config_disk(path, ["/a"], {})
+    qemu.write_config(path, ["/a"], {})
     assert not path.is_symlink() and not (tmp_path / "elsewhere").exists()
 
 
-def test_failed_start_still_removes_the_config_disk(tmp_path: Path) -> None:
+def test_the_boot_initramfs_is_the_guest_initramfs_then_the_config(tmp_path: Path) -> None:
+    """QEMU's -initrd: a sealed memfd, the guest initramfs padded to 4 bytes and the config archive after it (the
+    kernel unpacks one archive after the other); the config file is gone from the host once read."""
+    vm = spec(tmp_path)
+    vm.initramfs.write_bytes(b"070701 base archive!!")  # 21 bytes: 3 bytes of padding follow
+    archive = qemu.write_config(vm.config, ["/a"], {"TOKEN": "hunter2"}).read_bytes()
+    fd = qemu.boot_initramfs(vm)
+    try:
+        assert not vm.config.exists()
+        with open(f"/proc/self/fd/{fd}", "rb") as reopened:  # as QEMU opens it
+            assert reopened.read() == b"070701 base archive!!\0\0\0" + archive
+        with pytest.raises(PermissionError):
+            os.write(fd, b"x")  # sealed
+        assert qemu.qemu_argv(vm, TCG, initrd=fd)[qemu.qemu_argv(vm, TCG).index("-initrd") + 1] == f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def test_failed_start_still_removes_the_config(tmp_path: Path) -> None:
     vm = spec(tmp_path, qemu="false")  # exits at once with status 1, QMP never answers
-    qemu.write_config_disk(vm.config_disk, ["/a"], {"TOKEN": "hunter2"})
+    vm.initramfs.write_bytes(b"")
+    qemu.write_config(vm.config, ["/a"], {"TOKEN": "hunter2"})
     with Vm(vm) as running, pytest.raises(RuntimeError, match="exited with status 1"):
         running.start(TCG)
-    assert not vm.config_disk.exists()
+    assert not vm.config.exists()
+    (tmp_path / "initrd.img").unlink()  # a start that fails before QEMU does too
+    qemu.write_config(vm.config, ["/a"], {"TOKEN": "hunter2"})
+    with Vm(vm) as running, pytest.raises(FileNotFoundError):
+        running.start(TCG)
+    assert not vm.config.exists()
 
 
 def test_parse_console() -> None:
@@ -641,7 +672,7 @@ def boot(vm: QemuVM, timeout: float = 45.0) -> tuple[qemu.Outcome, int]:
     started_ns = time.time_ns()
     with Vm(vm) as running:
         running.start()
-        assert not vm.config_disk.exists(), "the config disk must be gone from the host once QEMU has opened it"
+        assert not vm.config.exists(), "the config must be gone from the host once QEMU has it"
         outcome = running.wait(timeout)
     print(f"--- console of {vm.agent}:\n{outcome.console}", file=sys.stderr)
     return outcome, started_ns
@@ -667,7 +698,7 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
         kernel=files.vmlinux,
         initramfs=files.initramfs,
         rootfs=files.rootfs,
-        config_disk=qemu.write_config_disk(
+        config=qemu.write_config(
             tmp_path / "alpha.cfg",
             [AGENT_PATH],
             agent_env("e2e/agent", "AGENT_SECRET", secret, ping=str(net.gateway)),
@@ -702,7 +733,7 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     beta = replace(
         vm,
         agent="beta",
-        config_disk=qemu.write_config_disk(
+        config=qemu.write_config(
             tmp_path / "beta.cfg", [AGENT_PATH], agent_env("e2e/beta", "AGENT_SECRET", "x", write_as="alpha")
         ),
         console_log=tmp_path / "beta.console",
@@ -726,7 +757,7 @@ def test_the_power_button_ends_a_running_agent(tmp_path: Path, boot_files: BootF
         kernel=boot_files.vmlinux,
         initramfs=boot_files.initramfs,
         rootfs=boot_files.rootfs,
-        config_disk=qemu.write_config_disk(tmp_path / "sleeper.cfg", ["/bin/sleep", "600"], {}),
+        config=qemu.write_config(tmp_path / "sleeper.cfg", ["/bin/sleep", "600"], {}),
         console_log=tmp_path / "sleeper.console",
         qmp_socket=tmp_path / "sleeper.qmp",
         ctxgraph_socket=tmp_path / "unused.sock",
@@ -760,7 +791,7 @@ def test_an_ext4_root_image_boots(tmp_path: Path, boot_files: BootFiles) -> None
         kernel=boot_files.vmlinux,
         initramfs=boot_files.initramfs,
         rootfs=image,
-        config_disk=qemu.write_config_disk(tmp_path / "ext4.cfg", ["/bin/echo", "agent: on an ext4 root"], {}),
+        config=qemu.write_config(tmp_path / "ext4.cfg", ["/bin/echo", "agent: on an ext4 root"], {}),
         console_log=tmp_path / "ext4.console",
         qmp_socket=tmp_path / "ext4.qmp",
         ctxgraph_socket=None,
@@ -801,7 +832,7 @@ def test_qemu_runs_as_the_agent_uid(tmp_path: Path, server: ServerProcess, tap: 
                 kernel=kernel,
                 initramfs=initramfs,
                 rootfs=image,
-                config_disk=qemu.write_config_disk(tmp_path / f"{agent}.cfg", [AGENT_PATH], env, "/work"),
+                config=qemu.write_config(tmp_path / f"{agent}.cfg", [AGENT_PATH], env, "/work"),
                 console_log=tmp_path / f"{agent}.console",
                 qmp_socket=tmp_path / f"{agent}.qmp",
                 ctxgraph_socket=sock,
@@ -810,7 +841,7 @@ def test_qemu_runs_as_the_agent_uid(tmp_path: Path, server: ServerProcess, tap: 
             )
             with Vm(vm) as running:
                 running.start()
-                assert not vm.config_disk.exists()
+                assert not vm.config.exists()
                 assert running.proc is not None
                 ids = process_ids(running.proc.pid)
                 assert ids == {"Uid": [AGENT_UID] * 4, "Gid": [AGENT_UID] * 4, "Groups": []}, ids

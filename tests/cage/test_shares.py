@@ -188,7 +188,7 @@ def share_vm(tmp_path: Path, boot: tuple[Path, Path], image: Path, planned: list
         kernel=boot[0],
         initramfs=boot[1],
         rootfs=image,
-        config_disk=qemu.write_config_disk(tmp_path / "sharer.cfg", ["/agent/shares"], {}, "/", planned),
+        config=qemu.write_config(tmp_path / "sharer.cfg", ["/agent/shares"], {}, "/", planned),
         console_log=tmp_path / "sharer.console",
         qmp_socket=tmp_path / "sharer.qmp",
         ctxgraph_socket=None,
@@ -225,11 +225,11 @@ def test_an_agent_uses_its_shares(tmp_path: Path, boot_kernel: tuple[Path, Path]
 def test_a_share_that_cannot_be_mounted_fails_the_guest(
     tmp_path: Path, boot_kernel: tuple[Path, Path], share_image: Path
 ) -> None:
-    """The config disk names a tag QEMU does not provide: the guest says so and never runs the agent."""
+    """The config names a tag QEMU does not provide: the guest says so and never runs the agent."""
     data = tmp_path / "data"
     planned = populated_data(data)
     vm = share_vm(tmp_path, boot_kernel, share_image, planned[:1])
-    qemu.write_config_disk(vm.config_disk, ["/agent/shares"], {}, "/", planned)
+    qemu.write_config(vm.config, ["/agent/shares"], {}, "/", planned)
     with Vm(vm) as running:
         running.start()
         outcome = running.wait(60)
@@ -286,7 +286,7 @@ def test_the_daemon_runs_qemu_as_the_agent_with_its_shares(appliance: Appliance)
         assert "agent: writing into the read share failed" in console
         assert owner(data / "in" / "out" / "result.txt")[:2] == (uid, uid)
         assert owner(data / "w")[:3] == (uid, uid, 0o700)
-        assert not (cage.root / "run" / name / "config.img").exists()  # the secrets' disk: gone once QEMU has it
+        assert not (cage.root / "run" / name / "config.cpio").exists()  # the secrets' file: gone before QEMU starts
     finally:
         cage.call("stop", agent=name)
         cage.call("remove", agent=name)
