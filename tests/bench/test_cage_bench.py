@@ -53,7 +53,7 @@ def test_bare_argv_keeps_cages_machine_and_drops_its_devices(tmp_path: Path) -> 
         kernel=tmp_path / "vmlinux",
         initramfs=tmp_path / "guest.img",
         rootfs=tmp_path / "root.sqfs",
-        config_disk=tmp_path / "config.img",
+        config=tmp_path / "config.cpio",
         console_log=tmp_path / "console",
         memory_mb=256,
         net=qemu.GuestNet("nb-0", IPv4Interface("10.77.0.2/30"), IPv4Address("10.77.0.1"), "52:54:00:00:00:01"),
@@ -132,3 +132,12 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         cage_bench.main(["--help"])
     assert exc.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_paired_ratios_cancel_a_slow_spell() -> None:
+    """A round where the host was slow for both boots gives the same ratio as a quick one."""
+    bare = [0.50, 1.00, 0.52]
+    agent = [0.60, 1.20, 0.65]
+    assert cage_bench.paired_ratios(bare, agent) == pytest.approx([1.2, 1.2, 1.25])
+    with pytest.raises(ValueError):
+        cage_bench.paired_ratios(bare, agent[:2])  # every round has both boots
