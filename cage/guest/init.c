@@ -509,18 +509,15 @@ static int mount_in_root(const char *source, const char *path, const char *type,
 /* The agent's root: its image read-only on /lower, a tmpfs overlay on top (writes vanish with the VM). */
 static void mount_root(const char *dev)
 {
-	char magic[4] = {0};
-	int fd = open(dev, O_RDONLY | O_CLOEXEC);
-	if (fd < 0 || read(fd, magic, sizeof magic) != (ssize_t)sizeof magic)
-		fail("cannot read the root image %s: %s", dev, strerror(errno));
-	close(fd);
-	const char *type = "squashfs";
-	if (memcmp(magic, "hsqs", 4) != 0) {
+	/* SquashFS first, silently (no console line when it is not one): its superblock is read once, by the mount */
+	if (mount(dev, "/lower", "squashfs", MS_RDONLY | MS_NODEV | MS_SILENT, NULL) != 0) {
+		int err = errno;
+		if (err != EINVAL)
+			fail("cannot mount the root image %s (squashfs): %s", dev, strerror(err));
 		load_modules("nullbox.load-ext4");
-		type = "ext4";
+		if (mount(dev, "/lower", "ext4", MS_RDONLY | MS_NODEV, NULL) != 0)
+			fail("cannot mount the root image %s: neither SquashFS nor ext4 (%s)", dev, strerror(errno));
 	}
-	if (mount(dev, "/lower", type, MS_RDONLY | MS_NODEV, NULL) != 0)
-		fail("cannot mount the root image %s (%s): %s", dev, type, strerror(errno));
 	if (mount("tmpfs", "/overlay", "tmpfs", 0, "mode=0755") != 0)
 		fail("cannot mount the overlay tmpfs: %s", strerror(errno));
 	if ((mkdir("/overlay/upper", 0755) != 0 && errno != EEXIST) ||
