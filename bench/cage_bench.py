@@ -449,6 +449,7 @@ class CageDaemon(DaemonProcess):
                 kind = "qemu"
                 kernel = "{kernel}"
                 initramfs = "{initramfs}"
+                exec_helper = "{guestimage.exec_helper_path()}"
                 stop_timeout_s = {STOP_TIMEOUT_S}
 
                 [network]

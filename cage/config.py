@@ -5,6 +5,8 @@
 kind = "auto"                                   # auto | qemu | libkrun (auto: libkrun when usable, else QEMU)
 kernel = "/usr/lib/nullbox/guest/vmlinux"       # QEMU backend: guest kernel and initramfs, cage.guestimage's
 initramfs = "/usr/lib/nullbox/guest/initrd.img" # guest_files() (the NullBox guest kernel when it is built)
+exec_helper = "/usr/lib/nullbox/guest/nb-exec"  # QEMU backend: starts QEMU as the agent (cage/nb-exec.c); when the
+                                                # file is missing, cage's own Python drops the privileges instead
 libkrun = "/usr/lib/x86_64-linux-gnu/libkrun.so.1"   # optional: where libkrun is (default: the loader's search)
 stop_timeout_s = 5                              # each step of a stop: power-down request, SIGTERM (then SIGKILL)
 vmm_overhead_mb = 128                           # added to max_memory_mb for the cgroup's memory.max
@@ -56,6 +58,7 @@ class CageConfig:
     backend: str = "auto"
     kernel: Path = defaults.GUEST_KERNEL
     initramfs: Path = defaults.GUEST_INITRAMFS
+    exec_helper: Path = defaults.EXEC_HELPER
     libkrun: str | None = None
     stop_timeout_s: float = defaults.STOP_TIMEOUT_S
     vmm_overhead_mb: int = defaults.VMM_OVERHEAD_MIB
@@ -72,6 +75,7 @@ class CageConfig:
             "backend": self.backend,
             "kernel": str(self.kernel),
             "initramfs": str(self.initramfs),
+            "exec_helper": str(self.exec_helper),
             "libkrun": self.libkrun,
             "stop_timeout_s": self.stop_timeout_s,
             "vmm_overhead_mb": self.vmm_overhead_mb,
@@ -151,7 +155,7 @@ class _Parser:
                 self.problem(f"{table}.{key}", f"unknown key (known: {', '.join(known)})")
 
     def _backend(self, table: Mapping[str, Any], out: dict[str, Any]) -> None:
-        known = ("kind", "kernel", "initramfs", "libkrun", "stop_timeout_s", "vmm_overhead_mb")
+        known = ("kind", "kernel", "initramfs", "exec_helper", "libkrun", "stop_timeout_s", "vmm_overhead_mb")
         self._unknown("backend", table, known)
         if "kind" in table:
             kind = table["kind"]
@@ -159,7 +163,7 @@ class _Parser:
                 self.problem("backend.kind", f"must be one of {', '.join(BACKENDS)}, got {kind!r}")
             else:
                 out["backend"] = kind
-        for key in ("kernel", "initramfs"):
+        for key in ("kernel", "initramfs", "exec_helper"):
             if key in table:
                 value = table[key]
                 if not isinstance(value, str) or not value.startswith("/") or "\0" in value:

@@ -24,6 +24,9 @@ CGROUP_PARENT: Final = Path("nullbox/agents")
 # vmlinux and an initramfs carrying its modules.
 GUEST_KERNEL: Final = Path("/usr/lib/nullbox/guest/vmlinux")
 GUEST_INITRAMFS: Final = Path("/usr/lib/nullbox/guest/initrd.img")
+# cage/nb-exec.c, built static by the image (image/guest.py): starts QEMU as the agent's uid without the daemon
+# forking itself (cage.toml backend.exec_helper; without it cage's Python drops the privileges, more slowly).
+EXEC_HELPER: Final = Path("/usr/lib/nullbox/guest/nb-exec")
 # Example agents the image ships ready to install (image/guest.py): <dir>/<name>/{AGENT.toml,rootfs}.
 EXAMPLES_DIR: Final = Path("/usr/share/nullbox/examples")
 DEMO_ROOTFS: Final = EXAMPLES_DIR / "demo" / "rootfs"

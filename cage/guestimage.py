@@ -213,6 +213,30 @@ def static_busybox() -> tuple[bytes, list[str]]:
 
 
 VSOCK_RELAY: Final = Path(__file__).resolve().parent / "guest" / "nb-vsock.c"
+EXEC_HELPER: Final = Path(__file__).resolve().parent / "nb-exec.c"
+
+
+@functools.cache
+def exec_helper() -> bytes:
+    """nb-exec (cage/nb-exec.c) compiled static: cage starts QEMU through it (cage.toml backend.exec_helper)."""
+    return compile_static(EXEC_HELPER)
+
+
+def install_exec_helper(target: Path) -> Path:
+    """exec_helper() at ``target`` (0755), written only when it differs; returns ``target``."""
+    data = exec_helper()
+    if not target.is_file() or target.read_bytes() != data:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_bytes(data)
+        partial.chmod(0o755)
+        partial.replace(target)
+    return target
+
+
+def exec_helper_path(build: Path = BUILD) -> Path:
+    """build/cage/nb-exec, (re)built when it is missing or stale: what tests and benchmarks give cage.toml."""
+    return install_exec_helper(build / CACHE_DIR / "nb-exec")
 
 
 def vsock_relay() -> bytes:

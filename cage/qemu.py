@@ -185,6 +185,7 @@ class QemuVM:
     shares: tuple[GuestShare, ...] = ()  # also listed in the config (write_config's ``shares``)
     uid: int | None = None  # run QEMU as this uid (cage: the agent's); None: as the caller
     gid: int | None = None  # with ``uid``; default: the same number
+    exec_helper: Path | None = None  # with ``uid``: cage/nb-exec.c, which drops to it (else Python's subprocess)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shares", tuple(self.shares))
@@ -659,12 +660,17 @@ class Vm:
 
     def _popen(self, out: IO[bytes], **extra: Any) -> subprocess.Popen[bytes]:
         """QEMU with stdout/stderr to ``out``; as the agent: its uid and gid (real, effective, saved), no
-        supplementary groups but KVM's (``kvm_groups``), umask 077, and the descriptors of open_fds."""
-        ids: dict[str, Any] = {}
-        if self.spec.uid is not None:
-            ids = {"user": self.spec.uid, "group": self.spec.gid, "extra_groups": list(self.groups), "umask": 0o077}
+        supplementary groups but KVM's (``kvm_groups``), umask 077, and the descriptors of open_fds.  The privileges
+        are dropped by the spec's exec_helper when there is one (subprocess then vforks; a daemon's fork costs
+        milliseconds per start), else by subprocess itself."""
+        spec, argv, ids = self.spec, self.argv, dict[str, Any]()
+        if spec.uid is not None and spec.exec_helper is not None:
+            groups = ",".join(str(g) for g in self.groups) or "-"
+            argv = [str(spec.exec_helper), str(spec.uid), str(spec.gid), groups, "077", "--", *self.argv]
+        elif spec.uid is not None:
+            ids = {"user": spec.uid, "group": spec.gid, "extra_groups": list(self.groups), "umask": 0o077}
         return subprocess.Popen(
-            self.argv,
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

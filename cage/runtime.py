@@ -222,6 +222,15 @@ class ConsoleLog:
 # -------------------------------------------------------------------------------------------------- the VMM
 
 
+@functools.cache
+def usable_exec_helper(path: Path) -> Path | None:
+    """``path`` when it is an executable file, else None (said once: QEMU still starts as the agent, only slower)."""
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    log.warning("no exec helper at %s (backend.exec_helper): QEMU starts as the agent through a fork of cage", path)
+    return None
+
+
 @dataclass
 class CagedVm(qemu.Vm):
     """cage.qemu's Vm, with the VMM moved into the agent's cgroup right after the fork and in a session of its own
@@ -705,6 +714,7 @@ class Cage:
             shares=tuple(shares),
             uid=run.uid,
             gid=run.uid,
+            exec_helper=usable_exec_helper(self.config.exec_helper),
         )
         vm = CagedVm(spec, cgroup=run.group)
         try:

@@ -7,6 +7,7 @@
                                         on Debian's kernel, as it would without the NullBox kernels
     /usr/lib/nullbox/guest/initrd.img   cage's guest initramfs for that kernel (cage/guest/init.c compiled
                                         static; modules only with Debian's kernel)
+    /usr/lib/nullbox/guest/nb-exec      cage/nb-exec.c compiled static: cage starts each QEMU as its agent through it
     /usr/share/nullbox/examples/demo/   the user guide's demo agent, ready to install on the appliance:
         AGENT.toml                      examples/agents/demo/AGENT.toml
         rootfs                          a SquashFS image: examples/agents/demo/rootfs/ plus static busybox and its
@@ -30,7 +31,13 @@ from cage import defaults, guestimage
 from image.context import Context
 from image.kernel import sha256_file
 
-INPUTS: Final[list[str]] = ["cage/guestimage.py", "cage/guest", "image/initrd.py", "examples/agents/demo"]
+INPUTS: Final[list[str]] = [
+    "cage/guestimage.py",
+    "cage/guest",
+    "cage/nb-exec.c",
+    "image/initrd.py",
+    "examples/agents/demo",
+]
 GUEST_DIR: Final = str(defaults.GUEST_KERNEL.parent).lstrip("/")
 EXAMPLES_DIR: Final = str(defaults.EXAMPLES_DIR).lstrip("/")
 DEMO: Final = "demo"
@@ -93,6 +100,7 @@ def build(ctx: Context) -> None:
     shutil.copyfile(initramfs, guest / "initrd.img")
     for file in guest.iterdir():
         file.chmod(0o644)
+    guestimage.install_exec_helper(guest / defaults.EXEC_HELPER.name)
     demo = tree / EXAMPLES_DIR / DEMO
     if demo.exists():
         shutil.rmtree(demo)

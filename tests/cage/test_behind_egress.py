@@ -38,7 +38,7 @@ from typing import Final
 
 import pytest
 
-from cage import network
+from cage import guestimage, network
 from ctxgraph.process import ServerProcess
 from nullbox.daemon import DaemonProcess
 from tests.cage.agent_rootfs import build_agent_rootfs, manifest
@@ -198,6 +198,7 @@ def run(guest_files: tuple[Path, Path]) -> Iterator[Run]:
                 (root / "cage").mkdir()
                 (root / "cage" / "cage.toml").write_text(
                     f'[backend]\nkind = "qemu"\nkernel = "{kernel}"\ninitramfs = "{initramfs}"\nstop_timeout_s = 5\n'
+                    f'exec_helper = "{guestimage.exec_helper_path()}"\n'
                 )
                 cage = Cage(root / "cage", topo.appliance, egress.socket, ctxgraph.socket, tag)
                 started.append(cage)

@@ -31,6 +31,7 @@ def test_every_key(tmp_path: Path) -> None:
         kind = "qemu"
         kernel = "/opt/guest/vmlinux"
         initramfs = "/opt/guest/initrd.img"
+        exec_helper = "/opt/guest/nb-exec"
         libkrun = "/opt/lib/libkrun.so.1"
         stop_timeout_s = 1.5
         vmm_overhead_mb = 64
@@ -50,7 +51,7 @@ def test_every_key(tmp_path: Path) -> None:
     loaded = config.load(path)
     assert loaded.backend == "qemu"
     assert loaded.kernel == Path("/opt/guest/vmlinux") and loaded.initramfs == Path("/opt/guest/initrd.img")
-    assert loaded.libkrun == "/opt/lib/libkrun.so.1"
+    assert loaded.libkrun == "/opt/lib/libkrun.so.1" and loaded.exec_helper == Path("/opt/guest/nb-exec")
     assert loaded.stop_timeout_s == 1.5 and loaded.vmm_overhead_mb == 64
     assert loaded.pool == IPv4Network("10.99.0.0/24")
     assert (loaded.backoff.initial, loaded.backoff.cap, loaded.backoff.reset_after) == (0.5, 4.0, 60.0)
@@ -110,6 +111,7 @@ def test_every_problem_is_reported_at_once_naming_file_and_key(tmp_path: Path) -
         ("[backend\n", "invalid TOML"),
         ("[restart]\nreset_after_s = 0\n", "restart.reset_after_s: must be from 0.01 to 86400 seconds"),
         ("[backend]\nlibkrun = ''\n", "backend.libkrun: must be a library name or path"),
+        ("[backend]\nexec_helper = 'nb-exec'\n", "backend.exec_helper: must be an absolute path"),
     ],
 )
 def test_bad_values(text: str, message: str) -> None:

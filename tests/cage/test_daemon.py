@@ -194,6 +194,7 @@ def appliance(guest_files: tuple[Path, Path]) -> Iterator[Appliance]:
                 kind = "qemu"
                 kernel = "{kernel}"
                 initramfs = "{initramfs}"
+                exec_helper = "{guestimage.exec_helper_path()}"
                 stop_timeout_s = 1
 
                 [restart]

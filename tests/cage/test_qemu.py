@@ -806,15 +806,55 @@ def test_an_ext4_root_image_boots(tmp_path: Path, boot_files: BootFiles) -> None
 AGENT_UID = 70123  # no such user here; what cage.defaults.UID_BASE + slot would give an agent
 
 
+def status_ids(status: str) -> dict[str, list[int]]:
+    """Uid, Gid (real, effective, saved, filesystem), Groups and Umask (octal) from a /proc/PID/status text."""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    ids = {name: [int(v) for v in fields[name].split()] for name in ("Uid", "Gid", "Groups")}
+    return {**ids, "Umask": [int(fields["Umask"], 8)]}
+
+
 def process_ids(pid: int) -> dict[str, list[int]]:
-    """Uid, Gid (real, effective, saved, filesystem) and Groups of a live process, from /proc/PID/status."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {name: [int(v) for v in fields[name].split()] for name in ("Uid", "Gid", "Groups")}
+    return status_ids(Path(f"/proc/{pid}/status").read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
+def test_nb_exec_runs_a_program_as_the_ids_it_is_given(tmp_path: Path) -> None:
+    """cage/nb-exec.c: uid, gid, exactly the groups given, the umask; descriptors stay open; never root."""
+    helper = guestimage.install_exec_helper(tmp_path / "nb-exec")
+    as_agent = [str(helper), "70123", "70124", "36,69999", "027", "--"]
+    done = subprocess.run([*as_agent, "cat", "/proc/self/status"], capture_output=True, text=True, check=True)
+    ids = status_ids(done.stdout)
+    assert ids == {"Uid": [70123] * 4, "Gid": [70124] * 4, "Groups": [36, 69999], "Umask": [0o027]}, done.stderr
+    with tempfile.TemporaryFile() as kept:  # a descriptor passed down stays open across the exec
+        fd = kept.fileno()
+        argv = [*as_agent, "readlink", f"/proc/self/fd/{fd}"]
+        link = subprocess.run(argv, check=False, pass_fds=(fd,), capture_output=True)
+        assert link.returncode == 0 and link.stdout.startswith(b"/"), link.stderr
+    for args, message in (
+        (["0", "5", "-", "077"], "refusing uid 0 (root)"),
+        (["5", "0", "-", "077"], "refusing gid 0 (root)"),
+        (["5", "5", "36,0", "077"], "refusing group 0 (root)"),
+        (["-5", "5", "-", "077"], "bad uid -5"),
+        (["5", "5x", "-", "077"], "bad gid 5x"),
+        (["5", "5", "36,", "077"], None),  # an empty list item is skipped by strtok: groups [36]
+        (["5", "5", "-", "0778"], "bad umask 0778"),
+        (["5", "5", "-", "1777"], "bad umask 1777"),
+    ):
+        done = subprocess.run([str(helper), *args, "--", "true"], capture_output=True, text=True, check=False)
+        if message is None:
+            assert done.returncode == 0, done.stderr
+        else:
+            assert (done.returncode, done.stderr) == (126, f"nb-exec: {message}\n"), args
+    missing = subprocess.run([*as_agent, "/no/such"], check=False, capture_output=True, text=True)
+    assert missing.returncode == 127 and "cannot execute /no/such" in missing.stderr
+    usage = subprocess.run([*as_agent[:-1], "true"], check=False, capture_output=True, text=True)
+    assert usage.returncode == 126 and usage.stderr.startswith("usage: nb-exec")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching uid and the TAP need root")
 def test_qemu_runs_as_the_agent_uid(tmp_path: Path, server: ServerProcess, tap: GuestNet) -> None:
-    """With ``uid`` QEMU is the agent's uid and gid and nothing else, yet boots, pings and reaches ctxgraph: by path
+    """With ``uid`` QEMU is the agent's uid and gid and nothing else (whether nb-exec or subprocess drops the
+    privileges), yet boots, pings and reaches ctxgraph: by path
     (reconnecting) when the uid can reach its socket, else through a connection cage opened (here: the pytest
     directory is 0700 root)."""
     kernel, initramfs = guestimage.guest_files(kernel=KernelKind.NULLBOX)
@@ -824,7 +864,8 @@ def test_qemu_runs_as_the_agent_uid(tmp_path: Path, server: ServerProcess, tap: 
     try:
         reachable.start()
         outcomes = {}
-        for agent, ctxgraph, net in (("alpha", reachable, tap), ("beta", server, None)):
+        helper = guestimage.exec_helper_path()
+        for agent, ctxgraph, net, exec_helper in (("alpha", reachable, tap, helper), ("beta", server, None, None)):
             admin = ctxgraph.client()
             sock = Path(admin.register_agent(agent, uid=AGENT_UID, gid=AGENT_UID)["socket"])
             env = agent_env(f"uid/{agent}", "TOKEN", f"tok-{agent}", ping=None if net is None else str(net.gateway))
@@ -839,13 +880,15 @@ def test_qemu_runs_as_the_agent_uid(tmp_path: Path, server: ServerProcess, tap: 
                 ctxgraph_socket=sock,
                 net=net,
                 uid=AGENT_UID,
+                exec_helper=exec_helper,  # alpha: through nb-exec; beta: subprocess drops the privileges itself
             )
             with Vm(vm) as running:
                 running.start()
                 assert not vm.config.exists()
                 assert running.proc is not None
                 ids = process_ids(running.proc.pid)
-                assert ids == {"Uid": [AGENT_UID] * 4, "Gid": [AGENT_UID] * 4, "Groups": []}, ids
+                assert ids == {"Uid": [AGENT_UID] * 4, "Gid": [AGENT_UID] * 4, "Groups": [], "Umask": [0o077]}, ids
+                assert Path(f"/proc/{running.proc.pid}/exe").resolve().name.startswith("qemu-system")
                 chardevs = option(running.argv, "-chardev")
                 by_path = f"socket,id=ctx,path={sock},reconnect=1" in chardevs
                 assert by_path is (ctxgraph is reachable), chardevs

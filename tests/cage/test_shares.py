@@ -274,7 +274,7 @@ def test_the_daemon_runs_qemu_as_the_agent_with_its_shares(appliance: Appliance)
     try:
         uid = started["uid"]
         ids = process_ids(started["pid"])
-        assert ids == {"Uid": [uid] * 4, "Gid": [uid] * 4, "Groups": []}, ids
+        assert ids == {"Uid": [uid] * 4, "Gid": [uid] * 4, "Groups": [], "Umask": [0o077]}, ids
         deadline = time.monotonic() + 60
         while not any("agent: wrote both write shares" in line for line in appliance.log_lines(name)):
             lines = appliance.log_lines(name)

@@ -275,6 +275,7 @@ def test_image_contains_nothing_forbidden(built: dict[str, Entry]) -> None:
     # The agents' guest kernel and initramfs, the only kernel in the image (the appliance's is on the ISO)
     kernels = sorted(p for p in built if PurePosixPath(p).name.startswith(("vmlinu", "initrd.img")))
     assert kernels == ["/usr/lib/nullbox/guest/initrd.img", "/usr/lib/nullbox/guest/vmlinux"]
+    assert built["/usr/lib/nullbox/guest/nb-exec"].mode == "-rwxr-xr-x"  # cage starts QEMU through it
     for tree in ["/usr/share/doc", "/usr/share/man", "/usr/share/locale", "/var/lib/dpkg", "/var/lib/apt"]:
         assert tree not in built, f"{tree} is in the image"
     assert not [p for p, e in built.items() if e.mode[3] in "sS" or e.mode[6] in "sS"], "set-uid/set-gid files"
