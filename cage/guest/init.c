@@ -16,7 +16,8 @@
  *   nullbox.ctx=serial|vsock|none     how the agent reaches ctxgraph: the virtio-serial port
  *                                     /dev/virtio-ports/org.nullbox.ctxgraph, or vsock (host CID 2, port 7000)
  *   nullbox.onfail=poweroff|halt      after a fatal error: power off (default) or stay up with the message shown
- * The root disk, found by its virtio serial nullbox-root: the agent's root image (SquashFS or ext4, read-only).
+ * The root disk: the only virtio disk (among several, the one with serial nullbox-root), the agent's root image
+ * (SquashFS or ext4, mounted read-only).
  * The config, /nullbox-config in the initramfs (cage appends it to the initramfs at each start): the line
  * "nullbox-config 2", then NUL-terminated records up to the first empty one, each "env NAME=VALUE", "workdir PATH",
  * "share TAG:ro|rw:PATH" (parents first) or "arg WORD" (the command, in order); see cage/qemu.py config_bytes.  It
