@@ -19,7 +19,7 @@ from cage.defaults import DEMO_ROOTFS
 from image import initrd
 from image.initrd import Inputs, ModuleTree
 from image.verity import Verity
-from nullbox import kvm
+from nullbox import cpio, kvm
 from nullbox.kvm import Accel
 from nullctl.cli import build_parser, chosen_command
 from qemu import runner
@@ -362,9 +362,9 @@ def test_host_cpio_reads_the_archive(tmp_path: Path) -> None:
 
 def test_archive_rejects_bad_paths_and_hashes() -> None:
     with pytest.raises(ValueError, match="bad archive path"):
-        initrd.newc_archive([initrd.regular("../etc/passwd", b"")], EPOCH)
+        cpio.newc_archive([cpio.regular("../etc/passwd", b"")], EPOCH)
     with pytest.raises(ValueError, match="twice"):
-        initrd.newc_archive([initrd.regular("a", b""), initrd.regular("a", b"")], EPOCH)
+        cpio.newc_archive([cpio.regular("a", b""), cpio.regular("a", b"")], EPOCH)
     bad = Inputs(b"", b"", [], "v", [], Verity(1, 0, "not-a-hash", "", "ef" * 32), b"")
     with pytest.raises(ValueError, match="root hash 'not-a-hash'"):
         initrd.entries(bad)

@@ -19,7 +19,7 @@ import pytest
 from image import initrd, verity
 from image.verity import BLOCK, PER_BLOCK, Verity
 from kernel import build as kernel_build
-from nullbox import kvm
+from nullbox import cpio, kvm
 
 REPO = Path(__file__).resolve().parent.parent.parent
 INIT = REPO / "image" / "initramfs" / "init"
@@ -147,9 +147,9 @@ def _test_initramfs(tmp_path: Path, table: Verity) -> Path:
         verity=table,
         nb_verity=initrd.compile_static(REPO / initrd.VERITY_HELPER),
     )
-    entries = [*initrd.entries(inputs), initrd.regular("lib/nullbox-init", INIT.read_bytes(), 0o644)]
+    entries = [*initrd.entries(inputs), cpio.regular("lib/nullbox-init", INIT.read_bytes(), 0o644)]
     path = tmp_path / "initrd.cpio"
-    path.write_bytes(initrd.newc_archive(entries, EPOCH))
+    path.write_bytes(cpio.newc_archive(entries, EPOCH))
     return path
 
 
