@@ -15,7 +15,7 @@ Two guest kernels, chosen by :class:`KernelKind` (every function below takes ``k
   leaves that vmlinux next to the bzImage.  DEBIAN: the XZ payload is extracted once into
   build/cage/vmlinux-<digest>.  Either falls back to the bzImage when there is no PVH vmlinux.
 - ``build_initramfs()``: cage/guest/init.c compiled static (``guest_init``) + for DEBIAN the few modules the guest
-  needs (none for NULLBOX), as an uncompressed newc cpio made by image.initrd's writer (same ordering, owners and
+  needs (none for NULLBOX), as an uncompressed newc cpio made by nullbox.cpio's writer (same ordering, owners and
   mtimes, so the same inputs give the same bytes).  Uncompressed because it is small (the init is the only program)
   and the kernel unpacks it before /init runs: under TCG a zstd initramfs cost about 0.1 s of every agent's start;
   on the appliance it lies in the compressed root image anyway.  Cached under build/cage/ as
