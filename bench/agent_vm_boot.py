@@ -9,7 +9,7 @@ kernel) run in the repository, no-ops when their outputs are up to date, so that
 working tree builds.  Each arm boots what cage boots, through cage's own pieces: ``cage.guestimage.guest_files``
 (the kernel QEMU loads and the guest initramfs), ``cage.qemu.QemuVM``/``Vm`` (the microvm command line, TCG, the
 agent's SquashFS root and config) and the test agent of tests/cage (busybox; it reads a secret from its config
-disk and writes it to ctxgraph through the virtio-serial port, then exits and the guest powers off).  A real
+and writes it to ctxgraph through the virtio-serial port, then exits and the guest powers off).  A real
 ctxgraph daemon takes the writes.  No network device: the benchmark needs no root (no TAP).
 
   (1) sizes: the bzImage, the kernel QEMU loads (the uncompressed PVH vmlinux), the guest initramfs

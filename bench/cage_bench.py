@@ -244,20 +244,6 @@ def agent_manifest(name: str, *, idle: bool, memory_mb: int = MEMORY_MB) -> str:
     return manifest(name, allow=("api.example.com",), cpu_percent=100, memory_mb=memory_mb, BENCH_KEY=CTX_KEY)
 
 
-def wait_for_exit(pid: int, timeout: float) -> None:
-    """Block (no polling, no host CPU: the agent arm must not load the host more than the bare arm's wait does)
-    until process ``pid``, not our child, has exited; TimeoutError after ``timeout`` seconds."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not select.select([fd], [], [], timeout)[0]:
-            raise TimeoutError(f"process {pid} still runs after {timeout:g}s")
-    finally:
-        os.close(fd)
-
-
 def start_boottime_s(pid: int) -> float:
     """When ``pid`` was forked, in seconds of CLOCK_BOOTTIME (/proc/PID/stat's starttime: clock ticks)."""
     text = Path(f"/proc/{pid}/stat").read_text()
@@ -631,9 +617,13 @@ class BareVm:
 
 
 def exited_within(pid: int, timeout: float) -> bool:
-    """Whether the child ``pid`` exits within ``timeout`` s, woken by its pidfd at once (Popen.wait(timeout) polls
-    with sleeps of up to 50 ms, which would quantise the bare boot's time).  The child is not reaped."""
-    pidfd = os.pidfd_open(pid)
+    """Whether process ``pid`` exits within ``timeout`` s, woken by its pidfd at once (Popen.wait(timeout) polls
+    with sleeps of up to 50 ms, which would quantise the bare boot's time), without polling or host CPU meanwhile.
+    A child of ours is not reaped; a process that is already gone (another's child, reaped) has exited."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
     try:
         readable, _, _ = select.select([pidfd], [], [], timeout)
     finally:
@@ -792,7 +782,8 @@ def agent_boot(app: Appliance, cage: CageDaemon, agent: str, result: Boot) -> No
     reply = cage.call("start", agent=agent)["agent"]
     pid = int(reply["pid"])
     forked = start_boottime_s(pid)
-    wait_for_exit(pid, BOOT_TIMEOUT_S)  # the entry's created_ns is ctxgraph's commit time, read afterwards
+    if not exited_within(pid, BOOT_TIMEOUT_S):  # the entry's created_ns is ctxgraph's commit time, read afterwards
+        raise TimeoutError(f"agent {agent}: its QEMU still runs after {BOOT_TIMEOUT_S:g}s{app.console(agent)}")
     entry = app.wait_for_entry(agent, sent_wall, timeout=CALL_TIMEOUT_S)
     status = app.wait_ended(cage, agent)
     last = status.get("last_exit") or {}
