@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import IO, Any, Final, Literal
 
 from nullbox.cpio import newc_archive, regular
+from nullbox.durable import write_all
 from nullbox.kvm import QEMU, Accel, probe_kvm
 
 VHOST_VSOCK: Final = Path("/dev/vhost-vsock")
@@ -274,9 +275,7 @@ def boot_initramfs(vm: QemuVM) -> int:
     memfd = os.memfd_create("nullbox-initrd", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         for chunk in (base, b"\0" * (-len(base) % 4), config):  # each archive starts 4-byte aligned
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(memfd, view) :]
+            write_all(memfd, chunk)
         fcntl.fcntl(
             memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
         )
@@ -631,11 +630,11 @@ class Vm:
         wait until QMP answers when there is a QMP socket (every drive is open by then).  The config file is read
         into the initramfs memfd and removed from the host before QEMU starts, also when the start fails."""
         spec = self.spec
-        accel = accel or detect_accel()
-        spec.console_log.parent.mkdir(parents=True, exist_ok=True)
-        if spec.qmp_socket is not None:
-            spec.qmp_socket.unlink(missing_ok=True)
         try:
+            accel = accel or detect_accel()
+            spec.console_log.parent.mkdir(parents=True, exist_ok=True)
+            if spec.qmp_socket is not None:
+                spec.qmp_socket.unlink(missing_ok=True)
             with contextlib.ExitStack() as held:  # cage's copies of the descriptors: QEMU has its own once spawned
                 if spec.uid is None:
                     initrd = boot_initramfs(spec)

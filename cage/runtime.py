@@ -716,12 +716,7 @@ class Cage:
             gid=run.uid,
             exec_helper=usable_exec_helper(self.config.exec_helper),
         )
-        vm = CagedVm(spec, cgroup=run.group)
-        try:
-            vm.start(qemu.detect_accel())
-        finally:
-            config.unlink(missing_ok=True)  # Vm.start removes it before QEMU starts; never leave secrets behind
-        return vm
+        return CagedVm(spec, cgroup=run.group).start(qemu.detect_accel())  # it removes the config, whatever happens
 
     def _start_libkrun(
         self, run: Run, installed: InstalledAgent, manifest: Manifest, env: Mapping[str, str], console: Path
