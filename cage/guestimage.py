@@ -50,6 +50,7 @@ from image.context import Context
 from image.initrd import BUSYBOX, ModuleTree, compile_static, elf_section, is_static_elf, load_order
 from kernel import build as kernel_build
 from nullbox.cpio import Entry, chardev, directory, newc_archive, regular
+from nullbox.durable import write_atomically
 
 REPO: Final = Path(__file__).resolve().parent.parent
 BUILD: Final = REPO / "build"
@@ -227,10 +228,7 @@ def install_exec_helper(target: Path) -> Path:
     data = exec_helper()
     if not target.is_file() or target.read_bytes() != data:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_bytes(data)
-        partial.chmod(0o755)
-        partial.replace(target)
+        write_atomically(target, data, mode=0o755)
     return target
 
 
@@ -297,9 +295,7 @@ def build_initramfs(build: Path = BUILD, kernel: KernelKind | None = None, *, ep
     if target.is_file():
         return target
     out.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(archive)
-    partial.replace(target)
+    write_atomically(target, archive, mode=0o644)
     others = tuple(f"guest-initrd-{kind}-" for kind in KernelKind if kind is not guest.kind)
     for stale in out.glob("guest-initrd-*.img"):
         if stale != target and not stale.name.startswith(others):  # another kernel's initramfs stays

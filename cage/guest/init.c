@@ -151,7 +151,7 @@ static const char *uptime(void)
 
 /* ------------------------------------------------------------------------------------------------- files */
 
-/* The whole of a small file (or device) into a fresh NUL-terminated buffer; NULL with errno set. */
+/* The whole of a small file into a fresh NUL-terminated buffer; NULL with errno set. */
 static char *read_all(const char *path, size_t max, size_t *size)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
