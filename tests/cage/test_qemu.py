@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -801,6 +802,79 @@ def test_an_ext4_root_image_boots(tmp_path: Path, boot_files: BootFiles) -> None
     assert outcome.guest_failure is None and outcome.agent_status == 0
     assert "agent: on an ext4 root" in outcome.console
     assert "SQUASHFS" not in outcome.console  # the SquashFS attempt is silent
+
+
+# What the agent sees of its /etc and its API mounts, one "fact: ..." line each.
+ROOT_FACTS: Final = """\
+echo "fact: etc $(busybox stat -c '%a %F' /etc)"
+echo "fact: resolver $(busybox stat -c %F /etc/resolv.conf): $(cat /etc/resolv.conf)"
+echo "fact: hosts $(cat /etc/hosts 2>&1)"
+for m in /proc /sys /dev /tmp /run; do
+    echo "fact: mount:$m $(busybox awk -v m=$m '$2 == m {print $3, $4}' /proc/mounts)"
+done
+echo "fact: init $(cat /proc/1/comm)"
+"""
+
+
+def etc_rootfs(root: Path, shape: str) -> Path:
+    """The test agent's root with its /etc as a directory (mode 0751, the resolver a dangling symlink, as on a
+    systemd image), as a symlink to /usr/etc, or missing."""
+    build_agent_rootfs(root)
+    etc = root / "etc"
+    etc.rmdir()
+    if shape == "directory":
+        etc.mkdir()
+        etc.chmod(0o751)
+        (etc / "resolv.conf").symlink_to("/run/systemd/resolve/stub-resolv.conf")
+        (etc / "hosts").write_text("127.0.0.1 image-hosts\n")
+    elif shape == "symlink":
+        (root / "usr" / "etc").mkdir(parents=True)
+        (root / "usr" / "etc" / "hosts").write_text("127.0.0.1 usr-etc-hosts\n")
+        etc.symlink_to("usr/etc")
+    return root
+
+
+def facts(console: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in re.findall(r"^fact: (.*?)\r?$", console, re.MULTILINE))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the TAP needs root")
+@pytest.mark.parametrize("shape", ["directory", "symlink", "missing"])
+def test_the_resolver_and_api_mounts_in_the_agent_root(
+    tmp_path: Path, nullbox_kernel: guestimage.GuestKernel, tap: GuestNet, shape: str
+) -> None:
+    """The guest init writes the resolver into the overlay's upper /etc before mounting it when the image's /etc is
+    a directory (the merged /etc keeps the image's mode and files), through the mounted root when it is a symlink
+    (followed inside the root), and into a fresh /etc when there is none; /proc and /sys are init's, bound."""
+    vmlinux, initramfs = guestimage.guest_files(kernel=KernelKind.NULLBOX)
+    image = guestimage.pack_rootfs(etc_rootfs(tmp_path / "root", shape), tmp_path / "root.sqfs")
+    vm = QemuVM(
+        agent="etc",
+        kernel=vmlinux,
+        initramfs=initramfs,
+        rootfs=image,
+        config=qemu.write_config(tmp_path / "etc.cfg", ["/bin/sh", "-c", ROOT_FACTS], {}),
+        console_log=tmp_path / "etc.console",
+        net=replace(tap, dns=tap.gateway),
+    )
+    outcome, _ = boot(vm)
+    assert outcome.guest_failure is None and outcome.agent_status == 0
+    seen = facts(outcome.console)
+    assert seen["resolver"] == f"regular file: nameserver {tap.gateway}"
+    etc = {"directory": "751 directory", "symlink": "777 symbolic link", "missing": "755 directory"}
+    assert seen["etc"] == etc[shape]  # stat does not follow the symlink: it is still one
+    hosts = {
+        "directory": "127.0.0.1 image-hosts",
+        "symlink": "127.0.0.1 usr-etc-hosts",  # read through the symlink, inside the root
+        "missing": "cat: can't open '/etc/hosts': No such file or directory",
+    }
+    assert seen["hosts"] == hosts[shape]
+    assert seen["mount:/proc"] == "proc rw,nosuid,nodev,noexec,relatime"
+    assert seen["mount:/sys"] == "sysfs rw,nosuid,nodev,noexec,relatime"
+    assert seen["mount:/tmp"].startswith("tmpfs rw,nosuid,nodev,")
+    assert seen["mount:/run"].startswith("tmpfs rw,nosuid,nodev,")
+    assert seen["mount:/dev"].startswith("devtmpfs rw,nosuid,")
+    assert seen["init"] == "init"  # the guest init's own /proc: the same process namespace
 
 
 AGENT_UID = 70123  # no such user here; what cage.defaults.UID_BASE + slot would give an agent
