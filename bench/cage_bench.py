@@ -805,12 +805,19 @@ def bench_boot(app: Appliance, bare: Bare, agent: str, boots: int) -> Boot:
     cage = app.cages["plain"]
     for run in range(boots):
         arms = ("bare", "agent") if run % 2 == 0 else ("agent", "bare")
+        guest = ""
         for arm in arms:
             if arm == "bare":
                 result.bare_s.append(bare.boot_s())
-            else:
-                agent_boot(app, cage, agent, result)
-        log(f"(2) boot {run + 1}/{boots}: bare {result.bare_s[-1]:.2f} s, agent {result.agent_s[-1]:.2f} s")
+                continue
+            seen = len(result.init_uptime_s)
+            agent_boot(app, cage, agent, result)
+            if len(result.init_uptime_s) > seen:  # where a slow boot lost its time: host or guest, and which part
+                guest = (
+                    f" (forked after {result.to_fork_s[-1] * 1000:.0f} ms; guest uptime: init"
+                    f" {result.init_uptime_s[-1]:.2f} s, command {result.agent_uptime_s[-1]:.2f} s)"
+                )
+        log(f"(2) boot {run + 1}/{boots}: bare {result.bare_s[-1]:.2f} s, agent {result.agent_s[-1]:.2f} s{guest}")
     return result
 
 
