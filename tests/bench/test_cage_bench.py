@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import cage_bench
+from bench.common import Report
 from cage import qemu
 from cage.manifest import parse_bytes
 from nullbox.kvm import Accel
@@ -141,3 +142,20 @@ def test_paired_ratios_cancel_a_slow_spell() -> None:
     assert cage_bench.paired_ratios(bare, agent) == pytest.approx([1.2, 1.2, 1.25])
     with pytest.raises(ValueError):
         cage_bench.paired_ratios(bare, agent[:2])  # every round has both boots
+
+
+def test_cold_boot_rounds_are_settings_and_rows() -> None:
+    """--cold-boots: 5 by default, 1 with --quick, 0 turns the (2g) rows off; negative counts are refused."""
+    assert cage_bench.parse_args([]).cold_boots == 5
+    assert cage_bench.parse_args(["--quick"]).cold_boots == 1
+    assert cage_bench.parse_args(["--cold-boots", "0"]).cold_boots == 0
+    with pytest.raises(SystemExit):
+        cage_bench.parse_args(["--cold-boots", "-1"])
+    report = Report()
+    cage_bench.cold_rows(report, cage_bench.Boot(), 0)
+    assert report.rows == [] and report.notes == []
+    cage_bench.cold_rows(report, cage_bench.Boot(bare_s=[0.6, 0.7], agent_s=[0.72, 0.77]), 2)
+    rows = {row.measurement: row for row in report.rows}
+    assert rows["(2g) agent / bare, paired"].value == "1.15"  # median of 1.20 and 1.10
+    assert rows["(2g) bare QEMU: start -> exit"].versus == "min-max 0.60-0.70"
+    assert report.notes == ["(2g) runs, s: bare 0.60 0.70; agent 0.72 0.77"]
