@@ -920,6 +920,12 @@ def overhead_rows(report: Report, result: Overhead, runs: int) -> None:
         report.notes.append(f"(1) not timed (cage changed?): {', '.join(result.missing)}")
 
 
+def runs_note(label: str, result: Boot) -> str:
+    """Every boot's time, both arms, in run order: the spread behind a median."""
+    bare, agent = (" ".join(f"{v:.2f}" for v in values) for values in (result.bare_s, result.agent_s))
+    return f"{label} runs, s: bare {bare}; agent {agent}"
+
+
 def boot_rows(report: Report, result: Boot, boots: int) -> None:
     report.section(f"(2) agent boot to first ctxgraph write vs bare boot; {boots} runs per arm, interleaved")
     base = percentile(result.bare_s, 50)
@@ -953,12 +959,7 @@ def boot_rows(report: Report, result: Boot, boots: int) -> None:
         init, start = percentile(result.init_uptime_s, 50), percentile(result.agent_uptime_s, 50)
         report.add("(2e) agent: guest init starts (guest uptime)", f"{init:.2f}", "s p50", "guest clock")
         report.add("(2f) agent: agent's command starts (guest uptime)", f"{start:.2f}", "s p50", "guest clock")
-    report.notes.append(
-        "(2) runs, s: bare "
-        + " ".join(f"{v:.2f}" for v in result.bare_s)
-        + "; agent "
-        + " ".join(f"{v:.2f}" for v in result.agent_s)
-    )
+    report.notes.append(runs_note("(2)", result))
 
 
 def cold_rows(report: Report, result: Boot, boots: int) -> None:
@@ -971,12 +972,7 @@ def cold_rows(report: Report, result: Boot, boots: int) -> None:
     report.add("(2g) bare QEMU: start -> exit", f"{bare:.2f}", "s p50", spread)
     report.add("(2g) agent: start request -> first write", f"{agent:.2f}", "s p50", f"{agent / bare:.2f} x bare p50")
     report.add("(2g) agent / bare, paired", f"{paired:.2f}", "x p50", "for comparison with (2b'): no target")
-    report.notes.append(
-        "(2g) runs, s: bare "
-        + " ".join(f"{v:.2f}" for v in result.bare_s)
-        + "; agent "
-        + " ".join(f"{v:.2f}" for v in result.agent_s)
-    )
+    report.notes.append(runs_note("(2g)", result))
 
 
 def memory_rows(report: Report, result: MemoryResult) -> None:
