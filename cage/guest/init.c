@@ -523,7 +523,7 @@ static void write_resolver(int etc)
 /* Before the overlay is mounted: the resolver written into its upper layer, in an /etc with the mode and owner of
  * the image's, which the mounted root then merges with the image's /etc.  Writing through the mounted root instead
  * costs a copy-up of /etc and a whiteout (about 3 ms of every start under TCG).  False when the image's /etc is
- * not a directory (a symlink, say): resolver_in_root() then follows it inside the root. */
+ * not a directory (a symlink, say): mount_root() then writes through the mounted root, following it inside. */
 static int resolver_in_upper(void)
 {
 	if (dns[0] == '\0')
@@ -545,16 +545,6 @@ static int resolver_in_upper(void)
 	write_resolver(etc);
 	close(etc);
 	return 1;
-}
-
-/* Once the root is mounted, when resolver_in_upper() could not: through its /etc, resolved inside it. */
-static void resolver_in_root(void)
-{
-	int etc = open_in_root("/etc", 1);
-	if (etc < 0)
-		fail("cannot open /etc in the agent's root: %s", strerror(errno));
-	write_resolver(etc);
-	close(etc);
 }
 
 /* The agent's root: its image read-only on /lower, a tmpfs overlay on top (writes vanish with the VM). */
@@ -596,11 +586,11 @@ static void mount_root(const char *dev)
 	for (size_t i = 0; i < sizeof api / sizeof *api; i++)
 		if (mount_in_root(api[i].source, api[i].path, api[i].type, api[i].flags, api[i].data) != 0)
 			fail("cannot mount %s in the agent's root: %s", api[i].path, strerror(errno));
-	if (!resolver_done)
-		resolver_in_root();
-	int etc = open_in_root("/etc", 1);
+	int etc = open_in_root("/etc", 1); /* resolved inside the root, made when the image has none */
 	if (etc < 0)
 		fail("cannot create /etc in the agent's root: %s", strerror(errno));
+	if (!resolver_done)
+		write_resolver(etc);
 	close(etc);
 }
 
