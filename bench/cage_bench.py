@@ -39,9 +39,11 @@ untimed, before anything is measured (its root image is packed then; later start
       busybox; /init runs ``poweroff -f``), measured QEMU start -> QEMU exit.  Arms interleave A B B A ...;
       target <= 1.2 x, checked on the median of the rounds' paired ratios (agent / bare of one round's two boots,
       run back to back); the ratio of the arms' medians is shown too.  Then --cold-boots more rounds, each boot after
-      COLD_SETTLE_S of an idle host (the rows (2g)): this host is a VM where a boot after a few idle seconds runs
-      about 40 % slower in the guest than one right after another boot, and the agent's boot, which touches more
-      code and memory, more so; those rounds show the ratio on an idle host, the state an agent start meets most.
+      COLD_SETTLE_S of an idle host (the rows (2g)).
+      These rounds run with the host's free page reporting paused (bench.host_memory: this host is a VM whose
+      balloon hands freed memory back to the hypervisor 2 s after it was freed, and a boot that gets such pages runs
+      about 25 % slower; the agent's boot, which touches more memory, gets them more often).  When there was
+      reporting to pause, the same rounds again with the host as configured: (2h) interleaved, (2i) after idling.
   (3) memory of an idle VM, 3 s after the agent wrote its entry (the bare guest: after its /init printed a line;
       both then sleep), from /proc/PID/smaps: RSS, PSS, and the guest RAM mapping's resident part (the anonymous
       mapping of exactly the guest's size); the VMM's own = RSS - guest RAM resident (under TCG that includes the
@@ -73,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from bench import host_memory
 from bench.agent_vm_boot import INIT_LINE, START_LINE
 from bench.common import Report, cpu_model, first_line, log, repository_state, verdict
 from bench.nulld_bench import load_average, signals_unwind
@@ -95,7 +98,7 @@ STOP_TIMEOUT_S: Final = 0.2  # cage.toml backend.stop_timeout_s: an early-bootin
 BOOT_TIMEOUT_S: Final = 180.0
 CALL_TIMEOUT_S: Final = 120.0
 SETTLE_S: Final = 3.0  # an idle guest, after its last visible action, before its memory is read
-COLD_SETTLE_S: Final = 5.0  # (2g): the host idle this long before each boot (a boot after 3 s is already "cold")
+COLD_SETTLE_S: Final = 5.0  # (2g)/(2i): the host idle this long before each boot (its reporting waits 2 s)
 BUILD_TIMEOUT_S: Final = 3600.0
 POLL_S: Final = 0.05
 WAIT_POLL_S: Final = 0.2  # polls whose result carries its own timestamp (ctxgraph's created_ns): fewer, less load
@@ -804,16 +807,29 @@ def agent_boot(app: Appliance, cage: CageDaemon, agent: str, result: Boot) -> No
     result.to_fork_s.append((forked_wall - sent_wall) / 1e9)
 
 
-def bench_boot(app: Appliance, bare: Bare, agent: str, boots: int, *, settle_s: float = 0.0) -> Boot:
-    """``boots`` rounds of a bare and an agent boot (order alternating), each after ``settle_s`` of an idle host."""
+@dataclass(frozen=True)
+class Condition:
+    """The state of the host a set of boot rounds runs in."""
+
+    label: str  # the rows' tag: (2), (2g), ...
+    settle_s: float  # the host idle this long before each boot
+    paused: bool  # the host's free page reporting paused (bench.host_memory)
+
+    def describe(self) -> str:
+        idle = f"each boot after {self.settle_s:g} s idle" if self.settle_s else "interleaved, back to back"
+        pages = "free page reporting paused" if self.paused else "host as configured"
+        return f"{idle}; {pages}"
+
+
+def bench_boot(app: Appliance, bare: Bare, agent: str, boots: int, condition: Condition) -> Boot:
+    """``boots`` rounds of a bare and an agent boot (order alternating), each after ``condition.settle_s`` idle."""
     result = Boot()
     cage = app.cages["plain"]
-    label = "(2g) cold" if settle_s else "(2)"
     for run in range(boots):
         arms = ("bare", "agent") if run % 2 == 0 else ("agent", "bare")
         guest = ""
         for arm in arms:
-            time.sleep(settle_s)
+            time.sleep(condition.settle_s)
             if arm == "bare":
                 result.bare_s.append(bare.boot_s())
                 continue
@@ -824,8 +840,25 @@ def bench_boot(app: Appliance, bare: Bare, agent: str, boots: int, *, settle_s: 
                     f" (forked after {result.to_fork_s[-1] * 1000:.0f} ms; guest uptime: init"
                     f" {result.init_uptime_s[-1]:.2f} s, command {result.agent_uptime_s[-1]:.2f} s)"
                 )
-        log(f"{label} boot {run + 1}/{boots}: bare {result.bare_s[-1]:.2f} s, agent {result.agent_s[-1]:.2f} s{guest}")
+        times = f"bare {result.bare_s[-1]:.2f} s, agent {result.agent_s[-1]:.2f} s"
+        log(f"{condition.label} boot {run + 1}/{boots}: {times}{guest}")
     return result
+
+
+def bench_boots(
+    app: Appliance, bare: Bare, settings: Settings, reporting: host_memory.FreePageReporting | None
+) -> list[tuple[Condition, Boot]]:
+    """(2) with the host's free page reporting paused, then (2g) idle; (2h) and (2i) the same with it on, when
+    there is reporting to pause.  The first is the one with the target."""
+    with host_memory.reporting_paused(reporting) as paused:
+        conditions = [(Condition("(2)", 0.0, paused), settings.boots)]
+        conditions.append((Condition("(2g)", COLD_SETTLE_S, paused), settings.cold_boots))
+        results = [(c, bench_boot(app, bare, "boot", rounds, c)) for c, rounds in conditions if rounds]
+    if paused:  # the host as it is: what its reporting does to either arm
+        conditions = [(Condition("(2h)", 0.0, False), settings.boots)]
+        conditions.append((Condition("(2i)", COLD_SETTLE_S, False), settings.cold_boots))
+        results += [(c, bench_boot(app, bare, "boot", rounds, c)) for c, rounds in conditions if rounds]
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- (3) memory
@@ -926,8 +959,10 @@ def runs_note(label: str, result: Boot) -> str:
     return f"{label} runs, s: bare {bare}; agent {agent}"
 
 
-def boot_rows(report: Report, result: Boot, boots: int) -> None:
-    report.section(f"(2) agent boot to first ctxgraph write vs bare boot; {boots} runs per arm, interleaved")
+def boot_rows(report: Report, result: Boot, condition: Condition) -> None:
+    report.section(
+        f"(2) agent boot to first ctxgraph write vs bare boot, {len(result.bare_s)} rounds: {condition.describe()}"
+    )
     base = percentile(result.bare_s, 50)
 
     def spread(values: list[float]) -> str:
@@ -962,17 +997,20 @@ def boot_rows(report: Report, result: Boot, boots: int) -> None:
     report.notes.append(runs_note("(2)", result))
 
 
-def cold_rows(report: Report, result: Boot, boots: int) -> None:
+def condition_rows(report: Report, condition: Condition, result: Boot) -> None:
+    """The (2) comparison in another state of the host: both arms' medians and the paired ratio, no target."""
     if not result.bare_s:
-        return  # --cold-boots 0
+        return  # no rounds
     bare, agent = percentile(result.bare_s, 50), percentile(result.agent_s, 50)
     paired = percentile(paired_ratios(result.bare_s, result.agent_s), 50)
-    report.section(f"(2g) the same on an idle host: {boots} rounds, each boot after {COLD_SETTLE_S:g} s idle")
+    tag = condition.label
+    report.section(f"{tag} the same, {len(result.bare_s)} rounds: {condition.describe()}")
     spread = f"min-max {min(result.bare_s):.2f}-{max(result.bare_s):.2f}"
-    report.add("(2g) bare QEMU: start -> exit", f"{bare:.2f}", "s p50", spread)
-    report.add("(2g) agent: start request -> first write", f"{agent:.2f}", "s p50", f"{agent / bare:.2f} x bare p50")
-    report.add("(2g) agent / bare, paired", f"{paired:.2f}", "x p50", "for comparison with (2b'): no target")
-    report.notes.append(runs_note("(2g)", result))
+    report.add(f"{tag} bare QEMU: start -> exit", f"{bare:.2f}", "s p50", spread)
+    spread = f"{agent / bare:.2f} x bare; min-max {min(result.agent_s):.2f}-{max(result.agent_s):.2f}"
+    report.add(f"{tag} agent: start request -> first write", f"{agent:.2f}", "s p50", spread)
+    report.add(f"{tag} agent / bare, paired", f"{paired:.2f}", "x p50", "for comparison with (2b'): no target")
+    report.notes.append(runs_note(tag, result))
 
 
 def memory_rows(report: Report, result: MemoryResult) -> None:
@@ -1052,9 +1090,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--quick", action="store_true", help="10 starts/stops per daemon, 3 boots per arm")
     parser.add_argument("--runs", type=int, default=None, help="(1) starts/stops per daemon (40)")
     parser.add_argument("--boots", type=int, default=None, help="(2) boots per arm (15)")
-    parser.add_argument(
-        "--cold-boots", type=int, default=None, help=f"(2g) boots per arm after {COLD_SETTLE_S:g} s idle (5; 0: none)"
-    )
+    idle_help = f"(2g)/(2i) boots per arm after {COLD_SETTLE_S:g} s idle (5; 0: none)"
+    parser.add_argument("--cold-boots", type=int, default=None, help=idle_help)
     parser.add_argument("--no-build", action="store_true", help="do not run kernel.build guest first")
     parser.add_argument("--dir", type=Path, default=None, help="parent of the temporary directory (default /tmp)")
     args = parser.parse_args(argv)
@@ -1083,7 +1120,11 @@ def main(argv: list[str] | None = None) -> int:
         build_kernel()
     kind = guestimage.choose_kernel()
     kernel, initramfs = guestimage.guest_files(kernel=kind)
-    info = machine_info(kernel, kind)
+    reporting = host_memory.free_page_reporting()
+    info = [
+        *machine_info(kernel, kind),
+        reporting.describe() if reporting is not None else "free page reporting: none on this host",
+    ]
     for line in info:
         log(line)
     report = Report()
@@ -1110,12 +1151,13 @@ def main(argv: list[str] | None = None) -> int:
             start_stop(cage, name)
         bare.boot_s()
         overhead = bench_overhead(app, agents, settings.runs)
-        boot = bench_boot(app, bare, "boot", settings.boots)
-        cold = bench_boot(app, bare, "boot", settings.cold_boots, settle_s=COLD_SETTLE_S)
+        boots = bench_boots(app, bare, settings, reporting)
         memory = bench_memory(app, bare, idle_agents)
     overhead_rows(report, overhead, settings.runs)
-    boot_rows(report, boot, settings.boots)
-    cold_rows(report, cold, settings.cold_boots)
+    (main_condition, main_result), *others = boots
+    boot_rows(report, main_result, main_condition)
+    for condition, result in others:
+        condition_rows(report, condition, result)
     memory_rows(report, memory)
     cgroup = overview.get("cgroup", {})
     if cgroup.get("error"):

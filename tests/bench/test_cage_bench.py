@@ -145,17 +145,24 @@ def test_paired_ratios_cancel_a_slow_spell() -> None:
 
 
 def test_cold_boot_rounds_are_settings_and_rows() -> None:
-    """--cold-boots: 5 by default, 1 with --quick, 0 turns the (2g) rows off; negative counts are refused."""
+    """--cold-boots: 5 by default, 1 with --quick; negative counts are refused; a condition's rows and note."""
     assert cage_bench.parse_args([]).cold_boots == 5
     assert cage_bench.parse_args(["--quick"]).cold_boots == 1
     assert cage_bench.parse_args(["--cold-boots", "0"]).cold_boots == 0
     with pytest.raises(SystemExit):
         cage_bench.parse_args(["--cold-boots", "-1"])
     report = Report()
-    cage_bench.cold_rows(report, cage_bench.Boot(), 0)
+    idle = cage_bench.Condition("(2g)", 5.0, paused=True)
+    cage_bench.condition_rows(report, idle, cage_bench.Boot())
     assert report.rows == [] and report.notes == []
-    cage_bench.cold_rows(report, cage_bench.Boot(bare_s=[0.6, 0.7], agent_s=[0.72, 0.77]), 2)
+    cage_bench.condition_rows(report, idle, cage_bench.Boot(bare_s=[0.6, 0.7], agent_s=[0.72, 0.77]))
+    assert report.rows[0].measurement == (
+        "(2g) the same, 2 rounds: each boot after 5 s idle; free page reporting paused"
+    )
     rows = {row.measurement: row for row in report.rows}
     assert rows["(2g) agent / bare, paired"].value == "1.15"  # median of 1.20 and 1.10
     assert rows["(2g) bare QEMU: start -> exit"].versus == "min-max 0.60-0.70"
+    assert rows["(2g) agent: start request -> first write"].versus == "1.15 x bare; min-max 0.72-0.77"
     assert report.notes == ["(2g) runs, s: bare 0.60 0.70; agent 0.72 0.77"]
+    host = cage_bench.Condition("(2h)", 0.0, paused=False)
+    assert host.describe() == "interleaved, back to back; host as configured"
