@@ -21,6 +21,9 @@ What the VM gets (``qemu_argv``; a plain argv list, never a shell string):
   world-readable (/proc/<pid>/cmdline on the host, /proc/cmdline in the guest).  On the host the config is a 0600
   file only until ``Vm.start`` has read it (it unlinks it at once, also when the start fails); QEMU gets the whole
   initramfs as a sealed memfd, never a file (``-initrd /proc/self/fd/N``).
+- No virtio-rng: the guest's CRNG is ready about 45 ms into its boot, seeded from RDRAND (``random.trust_cpu=on``;
+  TCG's ``-cpu max`` and KVM's ``-cpu host`` both have it), long before a virtio-rng could feed it, and the device
+  cost about 5 ms of every start under TCG (its probe and the hwrng thread).
 - Network: the TAP the cage daemon made (``-netdev tap,ifname=...,script=no,downscript=no``) as virtio-net.
 - ctxgraph: vhost-vsock (guest CID from the spec; the guest dials host CID 2 port 7000, which ctxgraph maps to the
   agent registered with that CID) when /dev/vhost-vsock exists, and always (so that an agent with no vsock client,
@@ -414,7 +417,6 @@ def qemu_argv(
         argv += _disk("root", _v(vm.rootfs), ROOT_SERIAL)
     else:
         argv += _fdset(FDSET_ROOT, fds.root) + _disk("root", f"/dev/fdset/{FDSET_ROOT}", ROOT_SERIAL)
-    argv += ["-device", "virtio-rng-device"]
     if vm.net is not None:
         if fds is not None and fds.tap is not None:
             argv += ["-netdev", f"tap,id=net0,fd={fds.tap}"]

@@ -1,9 +1,10 @@
 """A tiny agent root filesystem for boot tests: the host's static busybox and one agent script.
 
 The agent (``/agent/run``) reads the value to store from an environment variable (a stand-in for a granted
-secret; it reaches the guest in its config, never on a command line), optionally pings its gateway, writes one
-put line to ctxgraph through the virtio-serial port /dev/virtio-ports/org.nullbox.ctxgraph, reads the reply line and
-prints it on the console.  It exits 0 only when ctxgraph answered ``"ok":true`` (5 when it refused).
+secret; it reaches the guest in its config, never on a command line), optionally pings its gateway, says how many
+bits the kernel's random pool holds (256: the CRNG is ready), writes one put line to ctxgraph through the
+virtio-serial port /dev/virtio-ports/org.nullbox.ctxgraph, reads the reply line and prints it on the console.  It
+exits 0 only when ctxgraph answered ``"ok":true`` (5 when it refused).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if [ -n "${NULLBOX_TEST_PING:-}" ]; then
 	echo "agent: the gateway $NULLBOX_TEST_PING answers (ping $tries)"
 fi
 echo "agent: in $(pwd) as $NULLBOX_AGENT, writing $NULLBOX_TEST_KEY"
+echo "agent: the random pool has $(cat /proc/sys/kernel/random/entropy_avail) bits"
 as=
 [ -z "${NULLBOX_TEST_AS:-}" ] || as=',"agent":"'$NULLBOX_TEST_AS'"'
 exec 3<>"$port"

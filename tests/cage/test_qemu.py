@@ -75,6 +75,7 @@ def test_argv_is_a_microvm_with_a_read_only_root_disk(tmp_path: Path) -> None:
     devices = option(argv, "-device")
     assert [d for d in devices if d.startswith("virtio-blk")] == ["virtio-blk-device,drive=root,serial=nullbox-root"]
     assert not any("-pci" in d for d in devices)  # microvm: virtio-mmio only
+    assert not any(d.startswith("virtio-rng") for d in devices)  # the guest's CRNG seeds from RDRAND
     assert option(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
     assert option(argv, "-initrd") == [str(tmp_path / "initrd.img")]
     assert f"file,id=console,path={tmp_path / 'console.log'}" in option(argv, "-chardev")
@@ -722,6 +723,7 @@ def test_agent_vm_boots_and_writes_to_ctxgraph(
     assert "NULLBOX-AGENT-EXIT 0" in outcome.console
     assert f"the gateway {net.gateway} answers" in outcome.console
     assert "agent: in /work as alpha" in outcome.console
+    assert "agent: the random pool has 256 bits" in outcome.console  # seeded from RDRAND: no virtio-rng needed
     assert secret not in outcome.console  # the agent never printed it; nothing else did either
 
     entries = admin.by_agent("alpha")["entries"]
