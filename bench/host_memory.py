@@ -41,11 +41,20 @@ class FreePageReporting:
         """An order no free block reaches: nothing is reported while the parameter holds it."""
         return self.max_order + 1
 
+    @property
+    def active(self) -> bool:
+        """False when the order is already above every free block's: reporting is off (an earlier pause that was
+        never restored, say a benchmark killed with SIGKILL, or the administrator's choice)."""
+        return self.order <= self.max_order
+
     def describe(self) -> str:
-        return (
-            f"free page reporting: on ({self.device}, a virtio-balloon with VIRTIO_BALLOON_F_REPORTING; "
-            f"page_reporting_order {self.order}, largest free order {self.max_order})"
-        )
+        balloon = f"{self.device}, a virtio-balloon with VIRTIO_BALLOON_F_REPORTING"
+        if not self.active:
+            return (
+                f"free page reporting: off ({balloon}, but page_reporting_order {self.order} is above the largest "
+                f"free order {self.max_order}; the kernel's default is the pageblock order, 9 on x86-64)"
+            )
+        return f"free page reporting: on ({balloon}; page_reporting_order {self.order}, largest order {self.max_order})"
 
 
 def reporting_balloon(sys_root: Path = Path("/sys")) -> str | None:
@@ -84,9 +93,9 @@ def free_page_reporting(sys_root: Path = Path("/sys"), proc_root: Path = Path("/
 
 @contextlib.contextmanager
 def reporting_paused(reporting: FreePageReporting | None) -> Iterator[bool]:
-    """Free page reporting paused for the block; yields whether it is (False: none on this host, or the kernel
-    refused the order, which is logged).  The order is restored even when the block raises."""
-    if reporting is None:
+    """Free page reporting paused for the block; yields whether it is (False: none on this host, already off, or
+    the kernel refused the order, which is logged).  The order is restored even when the block raises."""
+    if reporting is None or not reporting.active:
         yield False
         return
     try:

@@ -40,9 +40,10 @@ def test_the_reporting_balloon_is_found_by_its_id_and_feature_bit(tmp_path: Path
         tmp_path, {"virtio0": ("0x0002", REPORTING_FEATURES), "virtio3": ("0x0005", REPORTING_FEATURES)}
     )
     reporting = host_memory.free_page_reporting(sys_root, proc_root)
-    assert reporting is not None
+    assert reporting is not None and reporting.active
     assert (reporting.device, reporting.order, reporting.max_order, reporting.paused_order) == ("virtio3", 9, 10, 11)
-    assert "virtio3" in reporting.describe() and "page_reporting_order 9" in reporting.describe()
+    assert reporting.describe().startswith("free page reporting: on (virtio3, ")
+    assert "page_reporting_order 9" in reporting.describe()
 
 
 @pytest.mark.parametrize(
@@ -96,3 +97,14 @@ def test_nothing_to_pause_or_a_refused_order_means_not_paused(
     with host_memory.reporting_paused(reporting) as paused:
         assert not paused
     assert "reporting stays on" in capsys.readouterr().err
+
+
+def test_reporting_already_off_is_said_and_not_paused_again(tmp_path: Path) -> None:
+    """An order above the largest (a pause a killed run never restored): said so, not paused again, left as it was."""
+    sys_root, proc_root = host_tree(tmp_path, {"virtio0": ("0x0005", REPORTING_FEATURES)}, order="11")
+    reporting = host_memory.free_page_reporting(sys_root, proc_root)
+    assert reporting is not None and not reporting.active
+    assert "free page reporting: off" in reporting.describe() and "page_reporting_order 11" in reporting.describe()
+    with host_memory.reporting_paused(reporting) as paused:
+        assert not paused
+    assert reporting.parameter.read_text() == "11\n"
