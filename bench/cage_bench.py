@@ -953,6 +953,11 @@ def overhead_rows(report: Report, result: Overhead, runs: int) -> None:
         report.notes.append(f"(1) not timed (cage changed?): {', '.join(result.missing)}")
 
 
+def rounds(result: Boot) -> str:
+    count = len(result.bare_s)
+    return f"{count} round" if count == 1 else f"{count} rounds"
+
+
 def runs_note(label: str, result: Boot) -> str:
     """Every boot's time, both arms, in run order: the spread behind a median."""
     bare, agent = (" ".join(f"{v:.2f}" for v in values) for values in (result.bare_s, result.agent_s))
@@ -960,9 +965,7 @@ def runs_note(label: str, result: Boot) -> str:
 
 
 def boot_rows(report: Report, result: Boot, condition: Condition) -> None:
-    report.section(
-        f"(2) agent boot to first ctxgraph write vs bare boot, {len(result.bare_s)} rounds: {condition.describe()}"
-    )
+    report.section(f"(2) agent boot to first ctxgraph write vs bare boot, {rounds(result)}: {condition.describe()}")
     base = percentile(result.bare_s, 50)
 
     def spread(values: list[float]) -> str:
@@ -1004,7 +1007,7 @@ def condition_rows(report: Report, condition: Condition, result: Boot) -> None:
     bare, agent = percentile(result.bare_s, 50), percentile(result.agent_s, 50)
     paired = percentile(paired_ratios(result.bare_s, result.agent_s), 50)
     tag = condition.label
-    report.section(f"{tag} the same, {len(result.bare_s)} rounds: {condition.describe()}")
+    report.section(f"{tag} the same, {rounds(result)}: {condition.describe()}")
     spread = f"min-max {min(result.bare_s):.2f}-{max(result.bare_s):.2f}"
     report.add(f"{tag} bare QEMU: start -> exit", f"{bare:.2f}", "s p50", spread)
     spread = f"{agent / bare:.2f} x bare; min-max {min(result.agent_s):.2f}-{max(result.agent_s):.2f}"

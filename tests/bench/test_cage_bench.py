@@ -166,3 +166,5 @@ def test_cold_boot_rounds_are_settings_and_rows() -> None:
     assert report.notes == ["(2g) runs, s: bare 0.60 0.70; agent 0.72 0.77"]
     host = cage_bench.Condition("(2h)", 0.0, paused=False)
     assert host.describe() == "interleaved, back to back; host as configured"
+    cage_bench.condition_rows(report, host, cage_bench.Boot(bare_s=[0.6], agent_s=[0.72]))
+    assert report.rows[-4].measurement == "(2h) the same, 1 round: interleaved, back to back; host as configured"
