@@ -850,14 +850,16 @@ def bench_boots(
 ) -> list[tuple[Condition, Boot]]:
     """(2) with the host's free page reporting paused, then (2g) idle; (2h) and (2i) the same with it on, when
     there is reporting to pause.  The first is the one with the target."""
+
+    def back_to_back_then_idle(labels: tuple[str, str], paused: bool) -> list[tuple[Condition, Boot]]:
+        plan = ((labels[0], 0.0, settings.boots), (labels[1], COLD_SETTLE_S, settings.cold_boots))
+        conditions = [(Condition(label, settle_s, paused), count) for label, settle_s, count in plan if count]
+        return [(condition, bench_boot(app, bare, "boot", count, condition)) for condition, count in conditions]
+
     with host_memory.reporting_paused(reporting) as paused:
-        conditions = [(Condition("(2)", 0.0, paused), settings.boots)]
-        conditions.append((Condition("(2g)", COLD_SETTLE_S, paused), settings.cold_boots))
-        results = [(c, bench_boot(app, bare, "boot", rounds, c)) for c, rounds in conditions if rounds]
+        results = back_to_back_then_idle(("(2)", "(2g)"), paused)
     if paused:  # the host as it is: what its reporting does to either arm
-        conditions = [(Condition("(2h)", 0.0, False), settings.boots)]
-        conditions.append((Condition("(2i)", COLD_SETTLE_S, False), settings.cold_boots))
-        results += [(c, bench_boot(app, bare, "boot", rounds, c)) for c, rounds in conditions if rounds]
+        results += back_to_back_then_idle(("(2h)", "(2i)"), False)
     return results
 
 
@@ -964,12 +966,13 @@ def runs_note(label: str, result: Boot) -> str:
     return f"{label} runs, s: bare {bare}; agent {agent}"
 
 
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def boot_rows(report: Report, result: Boot, condition: Condition) -> None:
     report.section(f"(2) agent boot to first ctxgraph write vs bare boot, {rounds(result)}: {condition.describe()}")
     base = percentile(result.bare_s, 50)
-
-    def spread(values: list[float]) -> str:
-        return f"{min(values):.2f}-{max(values):.2f}"
 
     report.add(
         "(2a) bare QEMU: start -> exit (/init powers off)", f"{base:.2f}", "s p50", f"min-max {spread(result.bare_s)}"
@@ -1008,10 +1011,9 @@ def condition_rows(report: Report, condition: Condition, result: Boot) -> None:
     paired = percentile(paired_ratios(result.bare_s, result.agent_s), 50)
     tag = condition.label
     report.section(f"{tag} the same, {rounds(result)}: {condition.describe()}")
-    spread = f"min-max {min(result.bare_s):.2f}-{max(result.bare_s):.2f}"
-    report.add(f"{tag} bare QEMU: start -> exit", f"{bare:.2f}", "s p50", spread)
-    spread = f"{agent / bare:.2f} x bare; min-max {min(result.agent_s):.2f}-{max(result.agent_s):.2f}"
-    report.add(f"{tag} agent: start request -> first write", f"{agent:.2f}", "s p50", spread)
+    report.add(f"{tag} bare QEMU: start -> exit", f"{bare:.2f}", "s p50", f"min-max {spread(result.bare_s)}")
+    versus = f"{agent / bare:.2f} x bare; min-max {spread(result.agent_s)}"
+    report.add(f"{tag} agent: start request -> first write", f"{agent:.2f}", "s p50", versus)
     report.add(f"{tag} agent / bare, paired", f"{paired:.2f}", "x p50", "for comparison with (2b'): no target")
     report.notes.append(runs_note(tag, result))
 
